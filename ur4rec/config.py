@@ -1,0 +1,189 @@
+"""Typed configuration: the only way parameters reach data loading, the model and training.
+
+Every field has a default and a one-line meaning (``help`` in its metadata), so
+``ur4rec config show`` can print a documented config. A config round-trips through YAML;
+an unknown key anywhere is an error that names the key (the prototype silently dropped
+``dropout`` on its way to the model; see DESIGN section 7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or dict that does not match the schema."""
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line meaning."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    name: str = option("ml-100k", "dataset: ml-100k, ml-1m or synthetic")
+    path: str | None = option(
+        None, "folder with GroupLens raw files (u.data/u.item, ratings.dat/movies.dat) "
+        "or RecBole atomic files (.inter/.item); null = look in the usual places"
+    )
+    min_interactions: int = option(3, "drop users with fewer interactions (>= 3 for leave-one-out)")
+    max_len: int = option(50, "length of the input sequence window (most recent items)")
+    synthetic_users: int = option(300, "synthetic dataset: number of users")
+    synthetic_items: int = option(200, "synthetic dataset: number of items")
+    synthetic_length: int = option(30, "synthetic dataset: mean interactions per user")
+    synthetic_noise: float = option(0.1, "synthetic dataset: probability that a step is random")
+    synthetic_seed: int = option(0, "synthetic dataset: generator seed")
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = option(64, "item embedding and transformer width d")
+    num_layers: int = option(2, "number of causal self-attention blocks")
+    num_heads: int = option(1, "attention heads per block")
+    dropout: float = option(0.2, "dropout on embeddings, attention and feed-forward")
+    inner_size_factor: int = option(4, "feed-forward width as a multiple of hidden_size")
+
+
+@dataclass
+class TrainConfig:
+    loss: str = option("ce", "ce (softmax over all items), bpr (softplus) or bce (sampled negatives)")
+    num_negatives: int = option(1, "negatives per target for bpr and bce")
+    epochs: int = option(200, "maximum number of epochs")
+    batch_size: int = option(128, "training windows per batch")
+    learning_rate: float = option(0.002, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "clip the gradient norm to this value (0 = off)")
+    patience: int = option(10, "stop after this many epochs without a better validation metric")
+    eval_every: int = option(1, "evaluate on validation every N epochs")
+    seed: int = option(42, "one seed for split-independent randomness: init, batches, negatives")
+    threads: int = option(0, "torch CPU threads (0 = torch's default)")
+    device: str = option("cpu", "torch device, e.g. cpu or cuda")
+    precision: str = option("bf16", "training autocast: bf16 (fast on CPUs with bf16 support) or fp32; evaluation is fp32")
+    progress: bool = option(True, "show tqdm progress bars")
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = option([5, 10, 20], "cut-offs for hr@k and ndcg@k")
+    exclude_seen: bool = option(True, "full ranking: remove items already in the user's history")
+    num_sampled_negatives: int = option(99, "sampled protocol: negatives per user (1 + N)")
+    sample_seed: int = option(2024, "seed for the fixed per-user negatives of the sampled protocol")
+    select_metric: str = option("ndcg@10", "validation metric (full ranking) for early stopping")
+    batch_size: int = option(1024, "users per evaluation batch")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, source: str = "config") -> Config:
+        return _build(cls, raw or {}, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        return cls.from_dict(raw, source=str(path))
+
+    def override(self, assignments: list[str]) -> Config:
+        """Apply ``section.key=value`` strings (value parsed as YAML), e.g. ``train.epochs=3``."""
+        raw = self.to_dict()
+        for assignment in assignments:
+            key, sep, value = assignment.partition("=")
+            if not sep or "." not in key:
+                raise ConfigError(f"override {assignment!r}: expected section.key=value")
+            section, name = key.split(".", 1)
+            raw.setdefault(section, {})[name] = yaml.safe_load(value)
+        return Config.from_dict(raw, source="overrides")
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, meaning) for every field: the config's documentation."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], prefix + f.name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, default, f.metadata.get("help", "")))
+    return rows
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} in section {cls.__name__} "
+            f"(known keys: {', '.join(sorted(known))})"
+        )
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, f"{where}: {name}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, where)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, where) for v in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+

@@ -1,0 +1,249 @@
+"""MovieLens readers: GroupLens raw files, RecBole atomic files, and where to find them.
+
+Sources for ML-100K, tried in this order (DESIGN section 2):
+
+1. a folder the user names (``data.path``): GroupLens raw ``u.data``/``u.item`` or RecBole
+   atomic ``ml-100k.inter``/``ml-100k.item``;
+2. the copy bundled in the ``recbole`` wheel (``pip install --no-deps recbole==1.2.1``),
+   read as data only; recbole itself is never imported;
+3. the GroupLens URL, downloaded once into ``~/.cache/ur4rec`` (needs internet).
+
+ML-1M reads ``ratings.dat``/``movies.dat`` (or atomic files) from a folder. Every reader
+names the file and line of the first malformed record. ``u.item`` and ``movies.dat`` are
+Latin-1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import re
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+GROUPLENS_URLS = {
+    "ml-100k": "https://files.grouplens.org/datasets/movielens/ml-100k.zip",
+    "ml-1m": "https://files.grouplens.org/datasets/movielens/ml-1m.zip",
+}
+ML100K_GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
+    "Sci-Fi", "Thriller", "War", "Western",
+]
+
+
+class DataFormatError(ValueError):
+    """A data file with a record that cannot be parsed; the message names file and line."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """No source could provide the dataset; the message lists every way to provide it."""
+
+
+@dataclass
+class ItemMeta:
+    title: str
+    year: int | None = None
+    genres: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RawInteractions:
+    """Interactions as read from disk, with the raw (string) ids of the files."""
+
+    name: str
+    source: str
+    users: np.ndarray  # (N,) str
+    items: np.ndarray  # (N,) str
+    timestamps: np.ndarray  # (N,) int64
+    item_meta: dict[str, ItemMeta]
+
+
+def load_movielens(name: str, path: str | Path | None = None) -> RawInteractions:
+    """Read ML-100K or ML-1M from the first source that has it (see module docstring)."""
+    if name not in GROUPLENS_URLS:
+        raise ValueError(f"unknown MovieLens dataset {name!r}; expected ml-100k or ml-1m")
+    if path is not None:
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise DatasetNotFoundError(f"data.path {str(folder)!r} is not a folder")
+        return read_folder(name, folder)
+    for folder in _candidate_folders(name):
+        if folder.is_dir() and _has_dataset_files(folder):
+            return read_folder(name, folder)
+    return read_folder(name, download(name))
+
+
+def _candidate_folders(name: str) -> list[Path]:
+    folders = [cache_dir() / name]
+    if name == "ml-100k":
+        spec = importlib.util.find_spec("recbole")
+        if spec is not None and spec.submodule_search_locations:
+            wheel = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / name
+            folders.insert(0, wheel)
+    return folders
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("UR4REC_CACHE", Path.home() / ".cache" / "ur4rec"))
+
+
+def _has_dataset_files(folder: Path) -> bool:
+    names = {"u.data", "ratings.dat"}
+    return any((folder / n).exists() for n in names) or any(folder.glob("*.inter"))
+
+
+def download(name: str) -> Path:
+    """Fetch the GroupLens zip into the cache; offline, fail at once naming the other ways."""
+    url = GROUPLENS_URLS[name]
+    target = cache_dir() / name
+    try:
+        with urllib.request.urlopen(url, timeout=20) as response:
+            payload = response.read()
+    except OSError as error:
+        raw_files = "u.data and u.item" if name == "ml-100k" else "ratings.dat and movies.dat"
+        ways = [
+            f"  1. download {url} yourself, unzip it, and set data.path to the folder "
+            f"holding {raw_files} (RecBole atomic .inter/.item files work too);",
+        ]
+        if name == "ml-100k":
+            ways.append(
+                "  2. install the copy bundled in RecBole's wheel, used as data only:\n"
+                "     pip install --no-deps recbole==1.2.1"
+            )
+        ways.append(f"  {len(ways) + 1}. connect to the internet so UR4Rec can fetch {url}")
+        raise DatasetNotFoundError(
+            f"{name} was not found locally and could not be downloaded ({error}).\n"
+            "Provide it in one of these ways:\n" + "\n".join(ways)
+        ) from error
+    target.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+        for member in archive.namelist():
+            if member.endswith("/"):
+                continue
+            (target / Path(member).name).write_bytes(archive.read(member))
+    return target
+
+
+def read_folder(name: str, folder: Path) -> RawInteractions:
+    if (folder / "u.data").exists():
+        return _read_raw_100k(name, folder)
+    if (folder / "ratings.dat").exists():
+        return _read_raw_1m(name, folder)
+    inter = sorted(folder.glob("*.inter"))
+    if inter:
+        return _read_atomic(name, inter[0])
+    raise DatasetNotFoundError(
+        f"{folder} holds no MovieLens files: expected u.data/u.item (ML-100K), "
+        "ratings.dat/movies.dat (ML-1M) or RecBole atomic .inter/.item files"
+    )
+
+
+def _parse_interactions(path: Path, separator: str | None, skip_header: bool) -> tuple:
+    users, items, stamps = [], [], []
+    with open(path, encoding="latin-1") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if skip_header and line_number == 1:
+                continue
+            if not line.strip():
+                continue
+            parts = line.rstrip("\r\n").split(separator)
+            try:
+                if len(parts) < 4:
+                    raise ValueError(f"expected 4 fields (user, item, rating, timestamp), got {len(parts)}")
+                user, item, timestamp = parts[0].strip(), parts[1].strip(), int(float(parts[3]))
+                float(parts[2])
+                if not user or not item:
+                    raise ValueError("empty user or item id")
+            except ValueError as error:
+                raise DataFormatError(f"{path}, line {line_number}: {error}: {line.strip()!r}") from None
+            users.append(user)
+            items.append(item)
+            stamps.append(timestamp)
+    if not users:
+        raise DataFormatError(f"{path}: no interactions found")
+    return np.array(users), np.array(items), np.array(stamps, dtype=np.int64)
+
+
+_YEAR = re.compile(r"\((\d{4})\)\s*$")
+
+
+def _title_and_year(title: str, date: str = "") -> tuple[str, int | None]:
+    match = _YEAR.search(title)
+    if match:
+        return title[: match.start()].strip(), int(match.group(1))
+    date_year = re.search(r"(\d{4})", date)
+    return title.strip(), int(date_year.group(1)) if date_year else None
+
+
+def _read_raw_100k(name: str, folder: Path) -> RawInteractions:
+    users, items, stamps = _parse_interactions(folder / "u.data", "\t", skip_header=False)
+    meta: dict[str, ItemMeta] = {}
+    item_file = folder / "u.item"
+    if item_file.exists():
+        with open(item_file, encoding="latin-1") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                parts = line.rstrip("\r\n").split("|")
+                if len(parts) < 5 + len(ML100K_GENRES):
+                    raise DataFormatError(
+                        f"{item_file}, line {line_number}: expected {5 + len(ML100K_GENRES)} "
+                        f"'|'-separated fields, got {len(parts)}"
+                    )
+                title, year = _title_and_year(parts[1], parts[2])
+                flags = parts[5 : 5 + len(ML100K_GENRES)]
+                genres = [g for g, flag in zip(ML100K_GENRES, flags) if flag.strip() == "1"]
+                meta[parts[0].strip()] = ItemMeta(title, year, genres)
+    return RawInteractions(name, f"GroupLens raw files in {folder}", users, items, stamps, meta)
+
+
+def _read_raw_1m(name: str, folder: Path) -> RawInteractions:
+    users, items, stamps = _parse_interactions(folder / "ratings.dat", "::", skip_header=False)
+    meta: dict[str, ItemMeta] = {}
+    movie_file = folder / "movies.dat"
+    if movie_file.exists():
+        with open(movie_file, encoding="latin-1") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                parts = line.rstrip("\r\n").split("::")
+                if len(parts) != 3:
+                    raise DataFormatError(
+                        f"{movie_file}, line {line_number}: expected 'id::title::genres', got {line.strip()!r}"
+                    )
+                title, year = _title_and_year(parts[1])
+                meta[parts[0].strip()] = ItemMeta(title, year, [g for g in parts[2].split("|") if g])
+    return RawInteractions(name, f"GroupLens raw files in {folder}", users, items, stamps, meta)
+
+
+def _read_atomic(name: str, inter_file: Path) -> RawInteractions:
+    header = inter_file.open(encoding="latin-1").readline().rstrip("\r\n").split("\t")
+    columns = [h.split(":")[0] for h in header]
+    expected = ["user_id", "item_id", "rating", "timestamp"]
+    if columns[:4] != expected:
+        raise DataFormatError(f"{inter_file}, line 1: expected columns {expected}, got {columns}")
+    users, items, stamps = _parse_interactions(inter_file, "\t", skip_header=True)
+    meta: dict[str, ItemMeta] = {}
+    item_file = inter_file.with_suffix(".item")
+    if item_file.exists():
+        with open(item_file, encoding="latin-1") as handle:
+            head = [h.split(":")[0] for h in handle.readline().rstrip("\r\n").split("\t")]
+            for line_number, line in enumerate(handle, start=2):
+                parts = line.rstrip("\r\n").split("\t")
+                if len(parts) != len(head):
+                    raise DataFormatError(
+                        f"{item_file}, line {line_number}: expected {len(head)} fields, got {len(parts)}"
+                    )
+                row = dict(zip(head, parts))
+                title, year = _title_and_year(row.get("movie_title", row.get("title", "")))
+                if row.get("release_year", "").strip().isdigit():
+                    year = int(row["release_year"])
+                genres = row.get("class", row.get("genre", "")).split()
+                meta[row["item_id"].strip()] = ItemMeta(title, year, genres)
+    return RawInteractions(name, f"RecBole atomic files in {inter_file.parent}", users, items, stamps, meta)

@@ -1,0 +1,50 @@
+"""Ranking metrics from 1-based ranks of the held-out item, one rank per user.
+
+Leave-one-out has exactly one relevant item per user, so every metric is a function of that
+item's rank r (averaged over users, never over batches):
+
+* ``hr@k``    = 1[r <= k]
+* ``ndcg@k``  = 1[r <= k] / log2(r + 1)        (ideal DCG is 1)
+* ``mrr``     = 1 / r                           (not truncated)
+* ``mean_rank`` = r
+
+Ties are counted against the model: an item scored equal to the target ranks above it
+(:func:`rank_of_target`), so a model that scores everything alike gets the worst rank,
+not the best.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def rank_of_target(scores: torch.Tensor, target_scores: torch.Tensor, excluded: torch.Tensor | None = None):
+    """1-based rank of each row's target among the row's scores.
+
+    scores: (B, N) scores of every candidate, the target included;
+    target_scores: (B,) the target's score;
+    excluded: optional (B, N) bool, candidates that take no part (seen items; the target
+    itself is never excluded by the caller).
+    rank = 1 + #{candidates scoring >= target} - 1 (the target itself).
+    """
+    at_least = scores >= target_scores[:, None]  # (B, N)
+    if excluded is not None:
+        at_least &= ~excluded
+    return at_least.sum(dim=1)  # the target counts itself once: 1 + others >= target
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks: list[int] | tuple[int, ...] = (5, 10, 20)) -> dict[str, float]:
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if ranks.size == 0:
+        raise ValueError("no ranks to average")
+    if (ranks < 1).any():
+        raise ValueError("ranks are 1-based; found a rank below 1")
+    result: dict[str, float] = {}
+    for k in ks:
+        hit = ranks <= k
+        result[f"hr@{k}"] = float(hit.mean())
+        result[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0).mean())
+    result["mrr"] = float((1.0 / ranks).mean())
+    result["mean_rank"] = float(ranks.mean())
+    return result

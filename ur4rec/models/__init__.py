@@ -1,0 +1,1 @@
+"""Models: the SASRec backbone, scoring and losses."""

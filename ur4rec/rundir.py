@@ -1,0 +1,70 @@
+"""The run directory: the contract that notebooks, the app, benchmarks and checks read.
+
+::
+
+    RUN/config.yaml                  resolved config
+    RUN/data.json                    dataset name, fingerprint, counts, split rule
+    RUN/stageN/model.safetensors     weights of the best validation epoch
+    RUN/stageN/checkpoint.json       config, stage, epoch, best metric, fingerprint, versions
+    RUN/stageN/log.jsonl             one line per epoch: epoch, seconds, train_loss, lr, valid
+    RUN/stageN/metrics.json          {"valid"|"test": {"full"|"sampled": {"hr@10": ...}}}
+    RUN/stageN/test_ranks.csv        user_id,target_item,rank_full,rank_sampled (1-based)
+    RUN/baselines/pop/metrics.json   the Pop baseline in the same harness
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ur4rec.config import Config
+from ur4rec.data.dataset import SequenceDataset
+
+
+class RunDirError(RuntimeError):
+    """A run directory that belongs to another dataset or lacks what a command needs."""
+
+
+def stage_dir(run_dir: Path, stage: int) -> Path:
+    return Path(run_dir) / f"stage{stage}"
+
+
+def prepare_run(run_dir: Path, config: Config, dataset: SequenceDataset) -> Path:
+    """Create ``run_dir`` and write config.yaml and data.json; refuse another dataset's run."""
+    run_dir = Path(run_dir)
+    data_file = run_dir / "data.json"
+    if data_file.exists():
+        previous = json.loads(data_file.read_text()).get("fingerprint")
+        if previous != dataset.fingerprint:
+            raise RunDirError(
+                f"{run_dir} holds a run on data {previous}, not {dataset.fingerprint}; "
+                "use a new --run-dir"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / "config.yaml")
+    data_file.write_text(json.dumps(dataset.summary(), indent=2))
+    return run_dir
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+
+
+def write_test_ranks(path: Path, dataset: SequenceDataset, rank_full: np.ndarray, rank_sampled: np.ndarray) -> None:
+    """user_id,target_item,rank_full,rank_sampled with raw dataset ids and 1-based ranks."""
+    targets = dataset.target("test")
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["user_id", "target_item", "rank_full", "rank_sampled"])
+        for user in range(dataset.n_users):
+            writer.writerow([dataset.user_raw_ids[user], dataset.item_raw_ids[targets[user]],
+                             int(rank_full[user]), int(rank_sampled[user])])
+
+
+def append_log(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")

@@ -1,0 +1,197 @@
+"""Centralised Stage-1 training: a few named functions, not a class hierarchy.
+
+Every train interaction is a target exactly once per epoch. Each user's train sequence
+``s_1..s_m`` gives inputs ``s_1..s_{m-1}`` and targets ``s_2..s_m``, cut from the end into
+windows of ``max_len`` (the newest window is full; the oldest may be shorter and is
+left-padded). Windows are batched by length so a batch carries little padding, and batches
+are shuffled. Padded targets (id 0) are outside the loss.
+
+After each evaluation the best model (validation ``eval.select_metric``, full ranking) is
+written to ``RUN/stage1/``; a non-finite loss stops the run with :class:`NonFiniteLossError`
+naming the loss term, epoch and step, and that best checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ur4rec.config import Config
+from ur4rec.data.dataset import SequenceDataset
+from ur4rec.evaluation.evaluate import EvalInputs, build_eval_inputs, evaluate, sample_negatives
+from ur4rec.models.losses import LOSSES, recommendation_loss
+from ur4rec.models.losses import sample_negatives as sample_training_negatives
+from ur4rec.rundir import append_log, stage_dir, write_json, write_test_ranks
+from ur4rec.training.checkpoint import build_model, load_model, save_checkpoint
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; the message names the term, epoch and step."""
+
+
+def training_windows(dataset: SequenceDataset, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(W, max_len) left-padded inputs and targets covering every train interaction once."""
+    inputs, targets = [], []
+    for user in range(dataset.n_users):
+        sequence = dataset.train_sequence(user)
+        x, y = sequence[:-1], sequence[1:]
+        for end in range(len(y), 0, -max_len):
+            start = max(0, end - max_len)
+            row_x = np.zeros(max_len, dtype=np.int64)
+            row_y = np.zeros(max_len, dtype=np.int64)
+            row_x[max_len - (end - start):] = x[start:end]
+            row_y[max_len - (end - start):] = y[start:end]
+            inputs.append(row_x)
+            targets.append(row_y)
+    if not inputs:
+        raise ValueError(f"{dataset.name}: no user has two or more train interactions")
+    return np.stack(inputs), np.stack(targets)
+
+
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of window indices, each batch of similar lengths."""
+    order = rng.permutation(len(lengths))
+    order = order[np.argsort(-lengths[order], kind="stable")]  # longest first, random among equals
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+@dataclass
+class StageResult:
+    best_epoch: int
+    best_value: float
+    epochs_run: int
+    seconds_per_epoch: float
+    total_seconds: float
+    metrics: dict
+
+
+def set_threads(config: Config) -> None:
+    if config.train.threads > 0:
+        torch.set_num_threads(config.train.threads)
+
+
+def autocast(config: Config):
+    if config.train.precision == "bf16":
+        return torch.autocast(device_type=torch.device(config.train.device).type, dtype=torch.bfloat16)
+    if config.train.precision != "fp32":
+        raise ValueError(f"train.precision must be bf16 or fp32, got {config.train.precision!r}")
+    return contextlib.nullcontext()
+
+
+def train_epoch(model, optimizer, inputs, targets, config: Config, rng, generator, epoch: int) -> float:
+    model.train()
+    lengths = (inputs > 0).sum(1)
+    batches = length_bucketed_batches(lengths, config.train.batch_size, rng)
+    device = config.train.device
+    total, count = 0.0, 0
+    for step, rows in enumerate(batches):
+        width = int(lengths[rows].max())
+        x = torch.from_numpy(inputs[rows, -width:]).to(device)  # (B, width): drop all-padding columns
+        y = torch.from_numpy(targets[rows, -width:]).to(device)
+        target_positions = y > 0
+        with autocast(config):
+            states = model(x).states[target_positions]  # (N, d) only positions with a target
+            y_valid = y[target_positions]
+            negatives = None
+            if config.train.loss != "ce":
+                negatives = sample_training_negatives(y_valid, model.n_items, config.train.num_negatives, generator)
+            loss = recommendation_loss(config.train.loss, states, y_valid, model.item_vectors(), negatives)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss term {config.train.loss!r} is {loss.item()} at epoch {epoch}, step {step}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        optimizer.step()
+        n = int(target_positions.sum())
+        total += loss.item() * n
+        count += n
+    return total / count
+
+
+def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> StageResult:
+    """Train SASRec to early stopping, keep the best checkpoint, evaluate it, write the stage."""
+    if config.train.loss not in LOSSES:
+        raise ValueError(f"train.loss must be one of {LOSSES}, got {config.train.loss!r}")
+    set_threads(config)
+    torch.manual_seed(config.train.seed)
+    rng = np.random.default_rng(config.train.seed)
+    generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
+    out = stage_dir(run_dir, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.jsonl"
+    log_path.unlink(missing_ok=True)
+
+    model = build_model(config, dataset.n_items).to(config.train.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.learning_rate,
+                                  weight_decay=config.train.weight_decay)
+    inputs, targets = training_windows(dataset, config.data.max_len)
+    negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
+    valid_inputs = build_eval_inputs(dataset, "valid", config.data.max_len, negatives)
+
+    best_value, best_epoch, waited, epoch_seconds = -1.0, 0, 0, []
+    start_all = time.perf_counter()
+    bar = tqdm(range(1, config.train.epochs + 1), desc="stage 1", unit="epoch", disable=not config.train.progress)
+    for epoch in bar:
+        start = time.perf_counter()
+        train_loss = train_epoch(model, optimizer, inputs, targets, config, rng, generator, epoch)
+        epoch_seconds.append(time.perf_counter() - start)
+        record = {"epoch": epoch, "seconds": round(epoch_seconds[-1], 4), "train_loss": train_loss,
+                  "lr": optimizer.param_groups[0]["lr"]}
+        if epoch % config.train.eval_every == 0 or epoch == config.train.epochs:
+            valid = evaluate(model, valid_inputs, config.eval, config.train.device).metrics
+            record["valid"] = valid
+            value = valid["full"][config.eval.select_metric]
+            if value > best_value:
+                best_value, best_epoch, waited = value, epoch, 0
+                save_checkpoint(out, model, _checkpoint_info(config, dataset, epoch, value))
+            else:
+                waited += 1
+            bar.set_postfix(loss=f"{train_loss:.4f}", **{config.eval.select_metric: f"{value:.4f}"})
+        append_log(log_path, record)
+        if waited >= config.train.patience:
+            break
+    total_seconds = time.perf_counter() - start_all
+
+    metrics = evaluate_stage(run_dir, dataset, config)
+    return StageResult(best_epoch, best_value, len(epoch_seconds), float(np.mean(epoch_seconds)),
+                       total_seconds, metrics)
+
+
+def _checkpoint_info(config: Config, dataset: SequenceDataset, epoch: int, value: float) -> dict:
+    return {
+        "stage": 1,
+        "epoch": epoch,
+        "best": {"metric": f"valid/full/{config.eval.select_metric}", "value": value},
+        "config": config.to_dict(),
+        "data_fingerprint": dataset.fingerprint,
+        "n_items": dataset.n_items,
+    }
+
+
+def evaluate_stage(run_dir: Path, dataset: SequenceDataset, config: Config, stage: int = 1,
+                   write: bool = True) -> dict:
+    """Reload the stage's best checkpoint and evaluate it on validation and test."""
+    out = stage_dir(run_dir, stage)
+    model, _ = load_model(out, fingerprint=dataset.fingerprint)
+    model.to(config.train.device)
+    negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
+    metrics, test = {}, None
+    for split in ("valid", "test"):
+        inputs: EvalInputs = build_eval_inputs(dataset, split, config.data.max_len, negatives)
+        result = evaluate(model, inputs, config.eval, config.train.device)
+        metrics[split] = result.metrics
+        test = result
+    if write:
+        write_json(out / "metrics.json", metrics)
+        write_test_ranks(out / "test_ranks.csv", dataset, test.rank_full, test.rank_sampled)
+    return metrics

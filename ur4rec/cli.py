@@ -1,0 +1,154 @@
+"""Command line: ``ur4rec <command>`` or ``python -m ur4rec <command>``.
+
+Every command that trains or evaluates takes ``--config`` and ``--run-dir`` and reads and
+writes the run directory described in :mod:`ur4rec.rundir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from ur4rec.config import Config, ConfigError, describe
+from ur4rec.data import DataFormatError, DatasetNotFoundError, load_dataset
+from ur4rec.training.checkpoint import CheckpointError, read_checkpoint_info
+
+TABLE_METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr", "mean_rank")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except (ConfigError, DataFormatError, DatasetNotFoundError, CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ur4rec", description="UR4Rec multimodal sequential recommendation workbench")
+    commands = parser.add_subparsers(metavar="command")
+
+    data = commands.add_parser("data", help="dataset commands").add_subparsers(metavar="action")
+    stats = data.add_parser("stats", help="print users, items, interactions and sequence-length percentiles")
+    _config_arguments(stats)
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.set_defaults(handler=command_data_stats)
+
+    config = commands.add_parser("config", help="config commands").add_subparsers(metavar="action")
+    show = config.add_parser("show", help="print every config key with its value and meaning")
+    _config_arguments(show)
+    show.set_defaults(handler=command_config_show)
+
+    train = commands.add_parser("train", help="train a stage, keep its best checkpoint, evaluate it")
+    _config_arguments(train)
+    train.add_argument("--stage", type=int, default=1, choices=[1], help="stage to train")
+    train.add_argument("--run-dir", required=True, type=Path, help="run directory to write")
+    train.set_defaults(handler=command_train)
+
+    evaluate = commands.add_parser("evaluate", help="reload a stage's checkpoint and recompute its metrics")
+    evaluate.add_argument("--run-dir", required=True, type=Path, help="run directory to read")
+    evaluate.add_argument("--stage", type=int, default=1, help="stage to evaluate")
+    evaluate.set_defaults(handler=command_evaluate)
+    return parser
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config (default: built-in defaults = ML-100K)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set train.epochs=5 (repeatable)")
+
+
+def _load_config(args) -> Config:
+    config = Config.load(args.config) if args.config else Config()
+    return config.override(args.overrides) if args.overrides else config
+
+
+def command_data_stats(args) -> int:
+    config = _load_config(args)
+    dataset = load_dataset(config.data)
+    summary = dataset.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    lengths = summary.pop("sequence_length")
+    for key, value in summary.items():
+        print(f"{key:>20}  {value}")
+    print(f"{'sequence length':>20}  " + "  ".join(f"{k}={v:g}" for k, v in lengths.items()))
+    return 0
+
+
+def command_config_show(args) -> int:
+    config = _load_config(args).to_dict()
+    for key, default, meaning in describe():
+        section, name = key.split(".", 1)
+        print(f"{key:<32} {json.dumps(config[section][name]):<14} # {meaning}")
+    return 0
+
+
+def command_train(args) -> int:
+    from ur4rec.evaluation.evaluate import Popularity, build_eval_inputs, evaluate, sample_negatives
+    from ur4rec.rundir import prepare_run, write_json
+    from ur4rec.training.trainer import train_stage1
+
+    config = _load_config(args)
+    dataset = load_dataset(config.data)
+    run_dir = prepare_run(args.run_dir, config, dataset)
+    print(f"{dataset.name}: {dataset.n_users} users, {dataset.n_items} items, "
+          f"{dataset.n_interactions} interactions (fingerprint {dataset.fingerprint}, {dataset.source})")
+    result = train_stage1(config, dataset, run_dir)
+    negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
+    pop = {split: evaluate(Popularity(dataset), build_eval_inputs(dataset, split, config.data.max_len, negatives),
+                           config.eval).metrics for split in ("valid", "test")}
+    write_json(run_dir / "baselines" / "pop" / "metrics.json", pop)
+    print(f"\nstage 1: best epoch {result.best_epoch} of {result.epochs_run}, "
+          f"{result.seconds_per_epoch:.2f} s/epoch, {result.total_seconds:.1f} s in all")
+    print_table({"SASRec (stage 1)": result.metrics["test"], "Pop": pop["test"]}, "test")
+    print(f"\nrun directory: {run_dir.resolve()}")
+    return 0
+
+
+def command_evaluate(args) -> int:
+    from ur4rec.training.trainer import evaluate_stage
+
+    stage_path = args.run_dir / f"stage{args.stage}"
+    info = read_checkpoint_info(stage_path)
+    config = Config.from_dict(info["config"], source=str(stage_path / "checkpoint.json"))
+    dataset = load_dataset(config.data)
+    metrics = evaluate_stage(args.run_dir, dataset, config, stage=args.stage, write=False)
+    print_table({f"stage {args.stage}": metrics["test"]}, "test")
+    saved_path = stage_path / "metrics.json"
+    if not saved_path.exists():
+        print(f"{saved_path} does not exist; nothing to compare with")
+        return 0
+    saved = json.loads(saved_path.read_text())
+    differences = [
+        f"{split}/{protocol}/{name}: saved {saved[split][protocol][name]} vs now {value}"
+        for split in metrics for protocol in metrics[split] for name, value in metrics[split][protocol].items()
+        if not math.isclose(saved[split][protocol][name], value, rel_tol=1e-6, abs_tol=1e-9)
+    ]
+    if differences:
+        print("metrics differ from metrics.json:\n  " + "\n  ".join(differences), file=sys.stderr)
+        return 1
+    print(f"reproduced {saved_path}: every metric matches")
+    return 0
+
+
+def print_table(rows: dict[str, dict[str, dict[str, float]]], split: str) -> None:
+    """One line per model and protocol, the metrics of TABLE_METRICS as columns."""
+    header = f"{'model':<20} {'protocol':<8} " + " ".join(f"{m:>9}" for m in TABLE_METRICS)
+    print(f"\n{split} metrics (full = all items, seen excluded; sampled = 1 + 99 fixed negatives)")
+    print(header)
+    print("-" * len(header))
+    for name, metrics in rows.items():
+        for protocol in ("full", "sampled"):
+            values = metrics[protocol]
+            print(f"{name:<20} {protocol:<8} " + " ".join(
+                f"{values[m]:>9.1f}" if m == "mean_rank" else f"{values[m]:>9.4f}" for m in TABLE_METRICS))

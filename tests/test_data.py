@@ -1,11 +1,9 @@
 import urllib.request
 
-import numpy as np
 import pytest
 
 from ur4rec.config import DataConfig
-from ur4rec.data import DataFormatError, DatasetNotFoundError, build_dataset, load_dataset, load_movielens
-from ur4rec.data import movielens
+from ur4rec.data import DataFormatError, DatasetNotFoundError, build_dataset, load_dataset, load_movielens, movielens
 from ur4rec.training.trainer import training_windows
 
 GENRE_FLAGS = "|".join(["0"] * 19)

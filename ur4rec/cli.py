@@ -87,7 +87,7 @@ def command_data_stats(args) -> int:
 
 def command_config_show(args) -> int:
     config = _load_config(args).to_dict()
-    for key, default, meaning in describe():
+    for key, _default, meaning in describe():
         section, name = key.split(".", 1)
         print(f"{key:<32} {json.dumps(config[section][name]):<14} # {meaning}")
     return 0

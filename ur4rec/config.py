@@ -61,6 +61,8 @@ class TrainConfig:
     epochs: int = option(200, "maximum number of epochs")
     batch_size: int = option(128, "training windows per batch")
     learning_rate: float = option(0.002, "AdamW learning rate")
+    lr_schedule: str = option("constant", "constant, or cosine: decay to 0 over train.epochs after warm-up")
+    warmup_epochs: int = option(0, "epochs of linear learning-rate warm-up")
     weight_decay: float = option(0.0, "AdamW weight decay")
     grad_clip: float = option(1.0, "clip the gradient norm to this value (0 = off)")
     patience: int = option(10, "stop after this many epochs without a better validation metric")
@@ -89,6 +91,23 @@ class TextConfig:
         None, "json backend: folder with user_preferences.json and item_descriptions.json ({id: text})"
     )
     leak_policy: str = option("warn", "user texts naming a held-out item: warn, drop or redact")
+    history_items: int = option(20, "LLM prompts: how many of the user's most recent train items to list")
+    openai_base_url: str = option(
+        "https://api.openai.com/v1", "openai backend: base URL of an OpenAI-compatible API (the part before /chat/completions)"
+    )
+    openai_model: str = option("gpt-4o-mini", "openai backend: chat model name")
+    openai_api_key_env: str = option(
+        "OPENAI_API_KEY", "openai backend: environment variable that holds the API key ('' = send no key)"
+    )
+    requests_per_minute: float = option(60.0, "openai backend: request rate limit (0 = unlimited)")
+    request_timeout: float = option(60.0, "openai backend: seconds to wait for one response")
+    max_retries: int = option(5, "openai backend: retries after HTTP 429/5xx or a network error")
+    retry_backoff: float = option(2.0, "openai backend: seconds before the first retry; doubles on each retry")
+    local_model: str | None = option(
+        None, "transformers backend: local folder of a causal LM (config, weights, tokenizer); never downloaded"
+    )
+    max_new_tokens: int = option(160, "LLM backends: most tokens generated per text")
+    temperature: float = option(0.0, "LLM backends: sampling temperature (0 = greedy, reproducible)")
 
 
 @dataclass
@@ -103,6 +122,7 @@ class FeatureConfig:
     )
     image_folder: str | None = option(None, "folder of item images named <item_id>.<ext>; null = no images")
     batch_size: int = option(64, "texts or images per encoder batch")
+    device: str = option("cpu", "torch device for the encoders, e.g. cpu or cuda")
 
 
 @dataclass

@@ -14,6 +14,7 @@ naming the loss term, epoch and step, and that best checkpoint stays.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,20 @@ def autocast(config: Config):
     return contextlib.nullcontext()
 
 
+def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at (1-based epoch, 0-based step): linear warm-up, then constant or cosine."""
+    base, train = config.train.learning_rate, config.train
+    progress = (epoch - 1) + step / steps_per_epoch  # epochs done, fractional
+    if progress < train.warmup_epochs:
+        return base * (progress + 1 / steps_per_epoch) / train.warmup_epochs
+    if train.lr_schedule == "constant":
+        return base
+    if train.lr_schedule == "cosine":
+        span = max(train.epochs - train.warmup_epochs, 1)
+        return base * 0.5 * (1 + math.cos(math.pi * min((progress - train.warmup_epochs) / span, 1.0)))
+    raise ValueError(f"train.lr_schedule must be constant or cosine, got {train.lr_schedule!r}")
+
+
 def train_epoch(model, optimizer, inputs, targets, config: Config, rng, generator, epoch: int) -> float:
     model.train()
     lengths = (inputs > 0).sum(1)
@@ -107,6 +122,8 @@ def train_epoch(model, optimizer, inputs, targets, config: Config, rng, generato
             raise NonFiniteLossError(
                 f"loss term {config.train.loss!r} is {loss.item()} at epoch {epoch}, step {step}"
             )
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, epoch, step, len(batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.train.grad_clip > 0:

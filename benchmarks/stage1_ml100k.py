@@ -1,0 +1,103 @@
+"""Stage 1 (SASRec) on MovieLens-100K: speed, memory and accuracy, settings chosen on validation.
+
+    .venv/bin/python benchmarks/stage1_ml100k.py [--settings base,...] [--threads 2]
+
+For each setting: train to early stopping (every train interaction a target once per
+epoch), report seconds per epoch, total wall time, peak RSS and validation/test metrics
+(full ranking with seen items excluded, and sampled 1+99). The chosen setting is the one with
+the best *validation* NDCG@10; its test metrics are the headline. Also times one full-ranking
+evaluation of all users.
+
+Peers measured on this kind of 2-core CPU (from issue #2, same split and protocol):
+RecBole 1.2.1 SASRec (CE): ~235 s/epoch, best at epoch 11 (~47 min), test HR@10 0.221 /
+NDCG@10 0.111. pmixer SASRec.pytorch (BCE): 1.3-4.5 s/epoch, test HR@10 0.187 / NDCG@10 0.099.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ur4rec.config import Config  # noqa: E402
+from ur4rec.data import load_dataset  # noqa: E402
+from ur4rec.evaluation import build_eval_inputs, evaluate, sample_negatives  # noqa: E402
+from ur4rec.rundir import prepare_run, stage_dir  # noqa: E402
+from ur4rec.training.checkpoint import load_model  # noqa: E402
+from ur4rec.training.trainer import train_stage1  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = {
+    "base": [],
+    "cosine": ["train.lr_schedule=cosine", "train.epochs=60", "train.warmup_epochs=2", "train.patience=60"],
+    "dropout0.3-b64": ["model.dropout=0.3", "train.batch_size=64", "train.learning_rate=0.001"],
+    "heads2": ["model.num_heads=2"],
+    "len100": ["data.max_len=100"],
+}
+PEERS = {"RecBole SASRec (CE)": (235.0, 0.221, 0.111), "pmixer SASRec (BCE)": (4.5, 0.187, 0.099)}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "ml100k.yaml"))
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names from SETTINGS")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = Config.load(args.config).override(["train.progress=false"])
+    dataset = load_dataset(base.data)
+    print(f"{dataset.name}: {dataset.n_users} users, {dataset.n_items} items, {dataset.n_interactions} "
+          f"interactions, fingerprint {dataset.fingerprint}; torch {torch.__version__}, {args.threads} threads")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.settings.split(","):
+            config = base.override(SETTINGS[name])
+            run_dir = Path(scratch) / name
+            prepare_run(run_dir, config, dataset)
+            result = train_stage1(config, dataset, run_dir)
+            model, _ = load_model(stage_dir(run_dir, 1))
+            negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
+            inputs = build_eval_inputs(dataset, "test", config.data.max_len, negatives)
+            evaluate(model, inputs, config.eval)  # warm-up
+            start = time.perf_counter()
+            evaluate(model, inputs, config.eval)
+            eval_seconds = time.perf_counter() - start
+            rows.append((name, result, eval_seconds))
+            test = result.metrics["test"]
+            print(f"[{name}] best epoch {result.best_epoch}/{result.epochs_run}  "
+                  f"{result.seconds_per_epoch:.2f} s/epoch  total {result.total_seconds:.1f} s  "
+                  f"valid ndcg@10 {result.metrics['valid']['full']['ndcg@10']:.4f}  "
+                  f"test hr@10 {test['full']['hr@10']:.4f} ndcg@10 {test['full']['ndcg@10']:.4f}  "
+                  f"eval(all users) {eval_seconds:.3f} s  peak RSS {peak_rss_mib():.0f} MiB", flush=True)
+
+    print("\nsetting            s/epoch  total s  best ep  valid ndcg@10 | test full hr@10 ndcg@10 | "
+          "sampled hr@10 ndcg@10 | eval s")
+    for name, result, eval_seconds in rows:
+        valid, test = result.metrics["valid"]["full"], result.metrics["test"]
+        print(f"{name:<18} {result.seconds_per_epoch:>7.2f} {result.total_seconds:>8.1f} {result.best_epoch:>8} "
+              f"{valid['ndcg@10']:>14.4f} | {test['full']['hr@10']:>15.4f} {test['full']['ndcg@10']:>7.4f} | "
+              f"{test['sampled']['hr@10']:>13.4f} {test['sampled']['ndcg@10']:>7.4f} | {eval_seconds:>6.3f}")
+    name, result, eval_seconds = max(rows, key=lambda row: row[1].metrics["valid"]["full"]["ndcg@10"])
+    test = result.metrics["test"]["full"]
+    print(f"\nchosen on validation: {name}: test HR@10 {test['hr@10']:.4f}, NDCG@10 {test['ndcg@10']:.4f}, "
+          f"{result.seconds_per_epoch:.2f} s/epoch, {result.total_seconds:.1f} s to early stopping, "
+          f"peak RSS {peak_rss_mib():.0f} MiB")
+    for peer, (seconds, hr, ndcg) in PEERS.items():
+        print(f"  vs {peer}: {seconds / result.seconds_per_epoch:.0f}x faster per epoch, "
+              f"HR@10 {test['hr@10'] / hr - 1:+.1%}, NDCG@10 {test['ndcg@10'] / ndcg - 1:+.1%}")
+
+
+if __name__ == "__main__":
+    main()

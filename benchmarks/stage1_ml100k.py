@@ -39,7 +39,7 @@ SETTINGS = {
     "cosine": ["train.lr_schedule=cosine", "train.epochs=60", "train.warmup_epochs=2", "train.patience=60"],
     "dropout0.3-b64": ["model.dropout=0.3", "train.batch_size=64", "train.learning_rate=0.001"],
     "heads2": ["model.num_heads=2"],
-    "len100": ["data.max_len=100"],
+    "layers3": ["model.num_layers=3"],
 }
 PEERS = {"RecBole SASRec (CE)": (235.0, 0.221, 0.111), "pmixer SASRec (BCE)": (4.5, 0.187, 0.099)}
 

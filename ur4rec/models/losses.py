@@ -27,9 +27,13 @@ def sample_negatives(targets: torch.Tensor, n_items: int, k: int, generator: tor
 
 
 def recommendation_loss(name: str, states: torch.Tensor, targets: torch.Tensor, item_table: torch.Tensor,
-                        negatives: torch.Tensor | None = None) -> torch.Tensor:
+                        negatives: torch.Tensor | None = None, excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss over the N targets. ``excluded``: optional (N, V) bool of items (ids 1..V as
+    columns 0..V-1) that leave the softmax, e.g. items the user has already seen."""
     if name == "ce":
         logits = score(states, item_table[1:])  # (N, V)
+        if excluded is not None:
+            logits = logits.masked_fill(excluded, float("-inf"))
         # Under bf16 autocast, cross_entropy would upcast the (N, V) logits to fp32 and take
         # 35% of a CPU training step; log_softmax accumulates in fp32 internally either way.
         with torch.autocast(device_type=logits.device.type, enabled=False):

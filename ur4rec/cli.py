@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ur4rec.config import Config, ConfigError, describe
 from ur4rec.data import DataFormatError, DatasetNotFoundError, load_dataset
+from ur4rec.rundir import RunDirError
 from ur4rec.training.checkpoint import CheckpointError, read_checkpoint_info
 
 TABLE_METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr", "mean_rank")
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args) or 0
-    except (ConfigError, DataFormatError, DatasetNotFoundError, CheckpointError, ValueError) as error:
+    except (ConfigError, DataFormatError, DatasetNotFoundError, CheckpointError, RunDirError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run-dir", required=True, type=Path, help="run directory to read")
     evaluate.add_argument("--stage", type=int, default=1, help="stage to evaluate")
     evaluate.set_defaults(handler=command_evaluate)
+
+    from ur4rec.features.cli import register as register_feature_commands
+    from ur4rec.text.cli import register as register_text_commands
+
+    register_text_commands(commands)
+    register_feature_commands(commands)
     return parser
 
 

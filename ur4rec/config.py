@@ -127,6 +127,45 @@ class FeatureConfig:
     image_folder: str | None = option(None, "folder of item images named <item_id>.<ext>; null = no images")
     batch_size: int = option(64, "texts or images per encoder batch")
     device: str = option("cpu", "torch device for the encoders, e.g. cpu or cuda")
+    precision: str = option(
+        "bf16", "encoder autocast: bf16 (about 2x faster on CPUs with bf16 support; cosine to fp32 > 0.9999) or fp32"
+    )
+
+
+@dataclass
+class MoEConfig:
+    experts: list[str] = option(
+        ["visual", "semantic", "preference", "fusion"], "multimodal experts in use (any of visual, "
+        "semantic, preference, fusion); [] = plain SASRec scoring"
+    )
+    memory: bool = option(True, "per-user local memory; off = visual and semantic experts have no keys and are masked out")
+    short_term_size: int = option(20, "memory: short-term tier = the last W train items (FIFO)")
+    long_term_capacity: int = option(20, "memory: long-term tier capacity (entries)")
+    novelty_threshold: float = option(0.3, "memory: write to long-term when 1 - max cosine to stored entries > this")
+    memory_half_life: float = option(20.0, "memory: LRFU half-life in steps for the recency-frequency eviction score")
+    retrieval_top_k: int = option(10, "memory entries retrieved per (user, candidate) by relevance; 0 = all visible")
+    semantic_heads: int = option(2, "SemanticExpert cross-attention heads (must divide model.hidden_size)")
+    router_hidden: int = option(32, "router MLP width")
+    gate: str = option("scalar", "gate g: scalar (learned) or none (g = 0: plain SASRec scores)")
+    gate_init: float = option(0.01, "initial gate value g")
+    gate_gradient: str = option(
+        "straight_through", "straight_through (experts get the gradient as if g = 1) or plain (naive g*E, for comparison)"
+    )
+    image_dim: int = option(512, "width of item image features when the feature set has no images")
+    train_candidates: str = option(
+        "sampled", "stages 2-3 training scores: sampled (every target vs shared negatives), in_batch ([B, B], "
+        "newest target per window) or full (all items, newest target per window)"
+    )
+    num_negatives: int = option(64, "stages 2-3, sampled: uniform negatives per batch, shared by its targets")
+    alignment_weight: float = option(0.1, "weight of the InfoNCE alignment loss (fixed weighting)")
+    alignment_temperature: float = option(0.07, "InfoNCE temperature (fixed)")
+    surprise_alpha: float = option(1.0, "alignment instance weight = 1 + alpha * surprise")
+    load_balance_weight: float = option(0.01, "weight of the router load-balancing loss (fixed weighting)")
+    loss_weighting: str = option("fixed", "combine loss terms with fixed weights or uncertainty (Kendall et al. 2018)")
+    backbone_lr_scale: float = option(0.1, "stage 3: backbone learning rate as a fraction of train.learning_rate")
+    stage_epochs: int = option(0, "stages 2-3: maximum epochs (0 = train.epochs)")
+    eval_chunk_size: int = option(256, "full ranking: candidate items scored per chunk (bounds memory)")
+    attention_sample_users: int = option(20, "internals: users whose attention maps are saved")
 
 
 @dataclass
@@ -137,6 +176,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     text: TextConfig = field(default_factory=TextConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,236 @@
+import csv
+import hashlib
+import json
+import logging
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ur4rec.cli import main
+from ur4rec.features import (
+    EncoderUnavailableError,
+    FeaturesNotFoundError,
+    build_features,
+    build_text_features,
+    load_features,
+    semantic,
+    visual,
+)
+from ur4rec.features.quality import (
+    genre_agreement,
+    modality_quality,
+    random_pair_cosine,
+    within_user_cosine,
+)
+from ur4rec.features.visual import ImageFolderNotFoundError
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Every feature store write goes under tmp_path, never into ~/.cache."""
+    monkeypatch.setenv("UR4REC_CACHE", str(tmp_path / "cache"))
+
+
+# ---------------------------------------------------------------- semantic encoder
+
+
+def test_bundled_minilm_encodes_offline_to_384_d_unit_vectors():
+    encoder = semantic.load_text_encoder("all-MiniLM-L6-v2", batch_size=4, precision="fp32")
+    vectors = encoder.encode(["A heist film.", "A bank robbery thriller.", "A cartoon about toys."])
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]  # it is a real sentence model
+    bf16 = semantic.load_text_encoder("all-MiniLM-L6-v2", precision="bf16").encode(["A heist film."])
+    assert float(bf16[0] @ vectors[0]) > 0.999
+
+
+def test_hub_model_name_offline_fails_at_once():
+    started = time.perf_counter()
+    with pytest.raises(EncoderUnavailableError, match="HF_HUB_OFFLINE is set"):
+        semantic.load_text_encoder("sentence-transformers/some-model-not-cached")
+    assert time.perf_counter() - started < 15
+
+
+# ---------------------------------------------------------------- visual encoder
+
+
+def write_images(folder, raw_ids):
+    """Five decodable images in three formats, one corrupt file; any other id has no image."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    formats = ["png", "jpeg", "bmp", "png", "jpeg"]
+    for raw_id, fmt in zip(raw_ids[:5], formats):
+        pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{raw_id}.{fmt.replace('jpeg', 'jpg')}", format=fmt.upper())
+    (folder / f"{raw_ids[5]}.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    (folder / "notes.txt").write_text("not an item")
+
+
+def test_clip_features_mask_missing_and_corrupt_images(smoke_config, synthetic, tmp_path, caplog):
+    raw_ids = [str(raw_id) for raw_id in synthetic.item_raw_ids[1:7]]
+    write_images(tmp_path / "images", raw_ids)
+    config = smoke_config.override([f"features.image_folder={tmp_path / 'images'}",
+                                    "features.image_model=ViT-S-32-alt"])
+    with caplog.at_level(logging.WARNING):
+        entry = build_features_image_only(config, synthetic, tmp_path / "run")
+    assert f"{synthetic.n_items - 6} of {synthetic.n_items} items have no image and 1 image files could not be read" \
+        in caplog.text
+    arrays = {name: np.load(f"{entry['path']}/{name}.npy") for name in ("item_image", "item_image_mask")}
+    mask = arrays["item_image_mask"]
+    assert mask.shape == (synthetic.n_items + 1,) and not mask[0]
+    assert mask[1:6].all() and not mask[6] and mask.sum() == 5  # item 6 is the corrupt file
+    assert entry["coverage"]["item_image"] == pytest.approx(5 / synthetic.n_items)
+    assert entry["unreadable_images"] == [f"{raw_ids[5]}.jpg"] and entry["missing_images"] == synthetic.n_items - 6
+    np.testing.assert_allclose(np.linalg.norm(arrays["item_image"][mask], axis=1), 1.0, atol=1e-4)
+    assert not arrays["item_image"][~mask].any()
+
+
+def build_features_image_only(config, dataset, run_dir):
+    from ur4rec.features import build_image_features
+
+    return build_image_features(config, dataset, run_dir, progress=False)
+
+
+def test_clip_tag_offline_and_missing_checkpoint_fail_at_once(tmp_path):
+    started = time.perf_counter()
+    with pytest.raises(EncoderUnavailableError, match="give features.image_pretrained as the local checkpoint file"):
+        visual.load_image_encoder("ViT-S-32-alt", "openai")
+    assert time.perf_counter() - started < 5
+    with pytest.raises(ImageFolderNotFoundError, match="no such checkpoint file"):
+        visual.load_image_encoder("ViT-S-32-alt", str(tmp_path / "clip.pt"))
+    with pytest.raises(ImageFolderNotFoundError, match="is not a folder"):
+        visual.find_images(tmp_path / "nowhere", ["1"])
+
+
+# ---------------------------------------------------------------- feature store
+
+
+class CountingEncoder:
+    """Deterministic fake text encoder that counts its calls (the real one is tested above)."""
+
+    identity = "sentence-transformers/all-MiniLM-L6-v2"
+    dim = 8
+    calls = 0
+
+    def encode(self, texts, progress=False):
+        CountingEncoder.calls += 1
+        digests = [np.frombuffer(hashlib.sha256(text.encode()).digest()[: self.dim], dtype=np.uint8) for text in texts]
+        return semantic.normalise_rows(np.array(digests, dtype=np.float32).reshape(len(texts), self.dim) + 1)
+
+
+def test_feature_store_reuses_sets_and_force_rebuilds(smoke_config, synthetic, tmp_path, monkeypatch):
+    monkeypatch.setattr(semantic, "load_text_encoder", lambda *args, **kwargs: CountingEncoder())
+    CountingEncoder.calls = 0
+    first = build_features(smoke_config, synthetic, tmp_path / "a", progress=False)
+    assert CountingEncoder.calls == 2  # items, users
+    second = build_features(smoke_config, synthetic, tmp_path / "b", progress=False)  # another run, same inputs
+    assert CountingEncoder.calls == 2
+    np.testing.assert_array_equal(first.item_text, second.item_text)
+    build_features(smoke_config, synthetic, tmp_path / "b", force=True, progress=False)
+    assert CountingEncoder.calls == 4
+    manifest = json.loads((tmp_path / "a" / "features" / "manifest.json").read_text())
+    assert manifest["fingerprint"] == synthetic.fingerprint and manifest["image"] is None
+    assert manifest["text"]["path"].startswith(str(tmp_path / "cache" / "features" / synthetic.fingerprint))
+    assert set(manifest["text"]) >= {"encoder", "dim", "coverage", "created", "fingerprint"}
+    # Another precision gives other numbers: a set of its own, encoded anew.
+    build_text_features(smoke_config.override(["features.precision=fp32"]), synthetic, tmp_path / "a", progress=False)
+    assert CountingEncoder.calls == 6
+
+
+def test_load_features_names_what_is_missing(synthetic, tmp_path, smoke_config, monkeypatch):
+    with pytest.raises(FeaturesNotFoundError, match="ur4rec features text --run-dir"):
+        load_features(tmp_path / "empty", synthetic)
+    monkeypatch.setattr(semantic, "load_text_encoder", lambda *args, **kwargs: CountingEncoder())
+    features = build_features(smoke_config, synthetic, tmp_path / "run", progress=False)
+    assert features.item_text.shape == (synthetic.n_items + 1, 8) and not features.item_text[0].any()
+    assert features.user_text.shape == (synthetic.n_users, 8) and features.user_text_mask.all()
+    assert features.item_image is None and features.item_image_mask is None
+    path = json.loads((tmp_path / "run" / "features" / "manifest.json").read_text())["text"]["path"]
+    (tmp_path / "cache" / "features" / synthetic.fingerprint / path.split("/")[-1] / "user_text.npy").unlink()
+    with pytest.raises(FeaturesNotFoundError, match="user_text.npy is missing"):
+        load_features(tmp_path / "run", synthetic)
+
+
+def test_leak_policy_drop_masks_leaking_users(synthetic, smoke_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(semantic, "load_text_encoder", lambda *args, **kwargs: CountingEncoder())
+    run = tmp_path / "run"
+    build_features(smoke_config, synthetic, run, progress=False)  # writes the template texts
+    users = json.loads((run / "texts" / "user_texts.json").read_text())
+    user = next(u for u in range(synthetic.n_users) if synthetic.target("valid")[u] not in synthetic.train_sequence(u))
+    folder = tmp_path / "llm"
+    folder.mkdir()
+    users[str(synthetic.user_raw_ids[user])] += f" Loves {synthetic.item_meta[synthetic.target('valid')[user]].title}."
+    (folder / "user_preferences.json").write_text(json.dumps(users))
+    (folder / "item_descriptions.json").write_text("{}")
+    config = smoke_config.override(["text.backend=json", f"text.folder={folder}", "text.leak_policy=drop"])
+    features = build_features(config, synthetic, run, progress=False)
+    assert not features.user_text_mask[user] and features.user_text_mask.sum() == synthetic.n_users - 1
+    assert f"\n{synthetic.user_raw_ids[user]},1,0,Item " in (run / "texts" / "audit.csv").read_text()
+
+
+# ---------------------------------------------------------------- quality
+
+
+def test_quality_identities_match_brute_force(synthetic):
+    rng = np.random.default_rng(0)
+    vectors = semantic.normalise_rows(rng.normal(size=(synthetic.n_items + 1, 6)) + 0.5)
+    mask = np.ones(synthetic.n_items + 1, dtype=bool)
+    mask[0] = mask[5] = False
+    covered = vectors[mask]
+    pairs = covered @ covered.T
+    n = len(covered)
+    assert random_pair_cosine(vectors, mask) == pytest.approx((pairs.sum() - n) / (n * (n - 1)), rel=1e-5)
+    means = []
+    for user in range(synthetic.n_users):
+        items = [i for i in set(synthetic.train_sequence(user).tolist()) if mask[i]]
+        if len(items) >= 2:
+            sims = [vectors[a] @ vectors[b] for a in items for b in items if a != b]
+            means.append(np.mean(sims))
+    assert within_user_cosine(vectors, mask, synthetic) == pytest.approx(np.mean(means), rel=1e-5)
+
+
+def test_quality_lift_on_known_cases(synthetic):
+    rng = np.random.default_rng(1)
+    genres = sorted({g for meta in synthetic.item_meta[1:] for g in meta.genres})
+    one_hot = np.zeros((synthetic.n_items + 1, len(genres)), dtype=np.float32)
+    for item in range(1, synthetic.n_items + 1):
+        one_hot[item, genres.index(synthetic.item_meta[item].genres[0])] = 1.0
+    mask = np.ones(synthetic.n_items + 1, dtype=bool)
+    mask[0] = False
+    # Items a user puts together share a genre arc, so genre features are nearly identical within users.
+    informed = modality_quality(one_hot + 0.05, mask, synthetic)
+    assert informed["lift_pct"] > 100
+    assert informed["genre_agreement_knn"] > 0.95 > 0.3 > informed["genre_agreement_random"]
+    # Features that know nothing about users or genres: no lift, no genre agreement beyond chance.
+    noise = modality_quality(rng.random((synthetic.n_items + 1, 32)).astype(np.float32), mask, synthetic)
+    assert abs(noise["lift_pct"]) < 3
+    assert abs(noise["genre_agreement_knn"] - noise["genre_agreement_random"]) < 0.06
+    assert noise["coverage"] == 1.0
+    knn, random = genre_agreement(one_hot + 0.05, mask, synthetic, k=5)
+    assert knn == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_features_text_and_quality(tmp_path, capsys):
+    run = tmp_path / "run"
+    smoke = ["--config", "configs/smoke.yaml", "--run-dir", str(run), "--set", "train.progress=false"]
+    assert main(["features", "text", *smoke]) == 0
+    out = capsys.readouterr().out
+    assert "sentence-transformers/all-MiniLM-L6-v2 (384-d)" in out and str(tmp_path / "cache") in out
+    assert main(["features", "quality", *smoke]) == 0
+    out = capsys.readouterr().out
+    assert "text" in out and "lift" in out
+    quality = json.loads((run / "features" / "quality.json").read_text())
+    text = quality["modalities"]["text"]
+    assert text["coverage"] == 1.0 and text["lift_pct"] > 0  # template texts carry the planted genre arcs
+    assert text["genre_agreement_knn"] > text["genre_agreement_random"]
+    with open(run / "features" / "projection.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["item_id", "modality", "x", "y", "genre"] and len(rows) == 100
+    assert {row["modality"] for row in rows} == {"text"} and rows[0]["genre"]
+    assert main(["features", "image", *smoke]) == 2  # no image folder configured: a clear error
+    assert "features.image_folder is not set" in capsys.readouterr().err

@@ -1,0 +1,337 @@
+import json
+import logging
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from ur4rec.cli import main
+from ur4rec.config import Config
+from ur4rec.data import build_dataset, load_dataset
+from ur4rec.data.dataset import SequenceDataset
+from ur4rec.data.movielens import ItemMeta, RawInteractions
+from ur4rec.text import (
+    TextBackendNotFoundError,
+    TextGenerationError,
+    apply_leak_policy,
+    audit_user_texts,
+    build_requests,
+    generate_texts,
+    make_generator,
+)
+from ur4rec.text.cache import CacheFormatError
+from ur4rec.text.openai_backend import OpenAIGenerator, OpenAIResponseError
+from ur4rec.text.template import TemplateGenerator
+from ur4rec.text.titles import natural_title
+
+# ---------------------------------------------------------------- template texts
+
+
+def mentions(text: str, title: str) -> bool:
+    return re.search(r"(?<!\w)" + re.escape(natural_title(title)) + r"(?!\w)", text, re.IGNORECASE) is not None
+
+
+def test_template_user_texts_name_no_held_out_item(synthetic, tmp_path):
+    texts = generate_texts(Config(), synthetic, tmp_path, progress=False)
+    assert len(texts.users) == synthetic.n_users and len(texts.items) == synthetic.n_items
+    valid, test = synthetic.target("valid"), synthetic.target("test")
+    checked = 0
+    for user in range(synthetic.n_users):
+        text = texts.users[str(synthetic.user_raw_ids[user])]
+        train_titles = {synthetic.item_meta[item].title for item in synthetic.train_sequence(user)}
+        for item in (valid[user], test[user]):
+            title = synthetic.item_meta[item].title
+            if title not in train_titles:  # a revisited item may be named from the train part
+                assert not mentions(text, title), f"user {user}: {text!r} names held-out {title!r}"
+                checked += 1
+    assert checked > synthetic.n_users  # most held-out items are not revisits: the check bites
+
+
+def test_template_texts_do_not_change_when_held_out_items_do(synthetic):
+    """Texts are a function of the train part only: replace every held-out item, same texts."""
+    shuffled = [np.concatenate([s[:-2], (s[-2:] % synthetic.n_items) + 1]) for s in synthetic.sequences]
+    other = SequenceDataset(synthetic.name, synthetic.source, synthetic.user_raw_ids, synthetic.item_raw_ids,
+                            shuffled, synthetic.item_meta)
+    generator = TemplateGenerator()
+    before = [generator.generate(r) for r in build_requests(synthetic) if r.kind == "user"]
+    after = [generator.generate(r) for r in build_requests(other) if r.kind == "user"]
+    assert before == after
+
+
+def test_template_paragraph_names_genres_eras_and_titles(synthetic):
+    request = build_requests(synthetic)[0]
+    text = TemplateGenerator().generate(request)
+    top_genre = max({g for m in request.items for g in m.genres}, key=lambda g: sum(g in m.genres for m in request.items))
+    assert top_genre in text and "0s" in text and "Representative items:" in text
+    assert TemplateGenerator().generate(build_requests(synthetic)[-1]).startswith("Item ")
+
+
+# ---------------------------------------------------------------- leakage audit
+
+TITLES = {
+    "1": "Godfather, The", "2": "Godfather: Part II, The", "3": "Heat", "4": "M", "5": "Postino, Il",
+    "6": "Seven (Se7en)", "7": "Usual Suspects, The", "8": "Toy Story", "9": "Fargo", "10": "Speed",
+    "11": "Godfather, The",  # MovieLens lists some films twice under two ids
+}
+# user: (item sequence; the last two are validation and test), text, expected (names valid, names test)
+CASES = {
+    "1": (["8", "9", "1", "3"], "Loves *The Godfather* and crime sagas.", (True, False)),
+    "2": (["8", "9", "1", "7"], "Fan of The Godfather: Part II and of the usual suspects, the heist film.", (False, True)),
+    "3": (["8", "9", "3", "4"], "Enjoys films with heat and tension, rated M for mature.", (False, False)),
+    "4": (["8", "9", "3", "5"], "A fan of Heat (1995) and Il Postino.", (True, True)),
+    "5": (["8", "9", "6", "2"], "Watched Se7en twice and loved The Godfather Part II.", (True, True)),
+    "6": (["1", "9", "8", "10"], "A fan of TOY STORY who likes speed.", (True, False)),
+    "7": (["9", "10", "1", "2"], "Their favourite sequel\u2014The Godfather: Part II\u2014stands out.", (False, True)),
+    "8": (["11", "9", "1", "8"], "Loves The Godfather.", (False, False)),
+}
+
+
+@pytest.fixture
+def crafted() -> SequenceDataset:
+    users, items, stamps = [], [], []
+    for user, (sequence, _, _) in CASES.items():
+        for step, item in enumerate(sequence):
+            users.append(user)
+            items.append(item)
+            stamps.append(step)
+    meta = {raw_id: ItemMeta(title, 1995, ["Drama"]) for raw_id, title in TITLES.items()}
+    raw = RawInteractions("crafted", "test", np.array(users), np.array(items), np.array(stamps), meta)
+    return build_dataset(raw)
+
+
+def test_audit_finds_every_planted_leak_and_nothing_else(crafted):
+    texts = {user: text for user, (_, text, _) in CASES.items()}
+    audit = audit_user_texts(texts, crafted)
+    found = {user: (row.names_valid_item, row.names_test_item) for user, row in audit.rows.items()}
+    assert found == {user: expected for user, (_, _, expected) in CASES.items()}
+    assert audit.rows["5"].matched_titles == ["Seven (Se7en)", "Godfather: Part II, The"]
+    counts = audit.counts()
+    assert counts["names_either"] == 6
+    assert counts["unauditable_held_out_titles"] == 1  # "M"
+    assert counts["held_out_titles_also_in_train"] == 1  # user 8's Godfather, a train item under another id
+
+
+def test_leak_policies(crafted, caplog):
+    texts = {user: text for user, (_, text, _) in CASES.items()}
+    audit = audit_user_texts(texts, crafted)
+    with caplog.at_level(logging.WARNING):
+        assert apply_leak_policy(texts, audit, "warn") == texts
+    assert "6 of 8 user texts name a held-out item" in caplog.text
+    assert set(apply_leak_policy(texts, audit, "drop")) == {"3", "8"}
+    redacted = apply_leak_policy(texts, audit, "redact")
+    assert redacted["4"] == "A fan of [redacted] (1995) and [redacted]."
+    assert redacted["7"] == "Their favourite sequel\u2014[redacted]\u2014stands out."
+    assert redacted["3"] == texts["3"]
+    with pytest.raises(ValueError, match="unknown policy"):
+        apply_leak_policy(texts, audit, "ignore")
+
+
+# ---------------------------------------------------------------- resumable cache
+
+
+class CountingTemplate(TemplateGenerator):
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def generate(self, request):
+        if self.fail_after is not None and self.calls == self.fail_after:
+            raise KeyboardInterrupt("simulated crash")
+        self.calls += 1
+        return super().generate(request)
+
+
+def test_interrupted_generation_resumes_without_duplicates_or_rework(synthetic, tmp_path):
+    config = Config()
+    with pytest.raises(KeyboardInterrupt):
+        generate_texts(config, synthetic, tmp_path, progress=False, generator=CountingTemplate(fail_after=50))
+    cache = tmp_path / "texts" / "generations.jsonl"
+    assert len(cache.read_text().splitlines()) == 50
+    cache.write_bytes(cache.read_bytes()[:-15])  # the crash cut the last record short
+
+    resumed = CountingTemplate()
+    texts = generate_texts(config, synthetic, tmp_path, progress=False, generator=resumed)
+    keys = [(json.loads(line)["backend"], json.loads(line)["prompt_hash"]) for line in cache.read_text().splitlines()]
+    assert len(keys) == len(set(keys))  # no duplicates, every line valid JSON
+    assert resumed.calls == len(keys) - 49  # only the 49 complete records were reused
+    assert texts.generated == resumed.calls and texts.reused >= 49  # (two synthetic users share a history)
+    clean = generate_texts(config, synthetic, tmp_path / "clean", progress=False)
+    assert (texts.users, texts.items) == (clean.users, clean.items)
+
+    again = CountingTemplate()
+    generate_texts(config, synthetic, tmp_path, progress=False, generator=again)
+    assert again.calls == 0
+    forced = CountingTemplate()
+    generate_texts(config, synthetic, tmp_path, force=True, progress=False, generator=forced)
+    assert forced.calls == len(keys) and len(cache.read_text().splitlines()) == len(keys)
+
+
+def test_damaged_middle_line_is_an_error_naming_it(synthetic, tmp_path):
+    generate_texts(Config(), synthetic, tmp_path, progress=False)
+    cache = tmp_path / "texts" / "generations.jsonl"
+    lines = cache.read_text().splitlines()
+    lines[3] = lines[3][:20]
+    cache.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CacheFormatError, match="generations.jsonl, line 4"):
+        generate_texts(Config(), synthetic, tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------- openai backend
+
+
+class FakeChatEndpoint:
+    """An OpenAI-style server on 127.0.0.1 that answers from a script, then with successes."""
+
+    def __init__(self, script: list[tuple[int, bytes]] | None = None) -> None:
+        self.script = list(script or [])
+        self.requests: list[dict] = []
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                endpoint.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                if endpoint.script:
+                    status, payload = endpoint.script.pop(0)
+                else:
+                    status, payload = 200, success(f"about: {body['messages'][-1]['content'][:30]}")
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def success(text: str) -> bytes:
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+
+
+def openai_config(endpoint: FakeChatEndpoint, monkeypatch) -> Config:
+    monkeypatch.setenv("UR4REC_TEST_KEY", "secret")
+    return Config().override([
+        "text.backend=openai", f"text.openai_base_url={endpoint.base_url}", "text.openai_model=tiny-chat",
+        "text.openai_api_key_env=UR4REC_TEST_KEY", "text.retry_backoff=0.01", "text.requests_per_minute=0",
+        "text.request_timeout=5", "text.max_retries=2",
+    ])
+
+
+def test_openai_backend_success(synthetic, monkeypatch):
+    with FakeChatEndpoint([(200, success("  Likes Alpha films.  "))]) as endpoint:
+        generator = make_generator(openai_config(endpoint, monkeypatch), synthetic)
+        assert generator.generate(build_requests(synthetic)[0]) == "Likes Alpha films."
+    request = endpoint.requests[0]
+    assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer secret"
+    assert request["body"]["model"] == "tiny-chat"
+    assert "Item " in request["body"]["messages"][-1]["content"]  # the user's train items are in the prompt
+
+
+def test_openai_backend_retries_after_429(synthetic, monkeypatch):
+    with FakeChatEndpoint([(429, b'{"error": "slow down"}'), (200, success("ok"))]) as endpoint:
+        generator = make_generator(openai_config(endpoint, monkeypatch), synthetic)
+        assert generator.generate(build_requests(synthetic)[0]) == "ok"
+    assert len(endpoint.requests) == 2
+
+
+def test_openai_backend_gives_up_after_repeated_5xx(synthetic, monkeypatch):
+    with FakeChatEndpoint([(503, b"busy")] * 3) as endpoint:
+        generator = make_generator(openai_config(endpoint, monkeypatch), synthetic)
+        with pytest.raises(OpenAIResponseError, match=r"gave up after 3 attempts; last: HTTP 503"):
+            generator.generate(build_requests(synthetic)[0])
+
+
+def test_openai_backend_malformed_json_is_a_clear_error(synthetic, monkeypatch):
+    with FakeChatEndpoint([(200, b"<html>not json"), (200, b'{"choices": []}')]) as endpoint:
+        generator = make_generator(openai_config(endpoint, monkeypatch), synthetic)
+        with pytest.raises(OpenAIResponseError, match=r"/v1/chat/completions: response is not valid JSON.*<html>"):
+            generator.generate(build_requests(synthetic)[0])
+        with pytest.raises(OpenAIResponseError, match=r"no choices\[0\]\.message\.content"):
+            generator.generate(build_requests(synthetic)[0])
+    assert endpoint.base_url in str(OpenAIResponseError(f"{endpoint.base_url}/chat/completions: x"))
+
+
+def test_openai_backend_through_generate_texts_and_missing_key(synthetic, tmp_path, monkeypatch):
+    with FakeChatEndpoint() as endpoint:
+        config = openai_config(endpoint, monkeypatch)
+        texts = generate_texts(config, synthetic, tmp_path, progress=False)
+        assert texts.backend == "openai:tiny-chat" and texts.generated == len(endpoint.requests)
+        assert all(text.startswith("about: ") for text in texts.users.values())
+        monkeypatch.delenv("UR4REC_TEST_KEY")
+        generate_texts(config, synthetic, tmp_path, progress=False)  # all cached: no request, no key needed
+        assert texts.generated == len(endpoint.requests)
+    with pytest.raises(TextGenerationError, match="UR4REC_TEST_KEY is not set"):
+        OpenAIGenerator(config.text).generate(build_requests(synthetic)[0])
+
+
+# ---------------------------------------------------------------- transformers and json backends
+
+
+def test_transformers_backend_missing_folder_is_a_clear_error(synthetic, tmp_path):
+    config = Config().override(["text.backend=transformers", f"text.local_model={tmp_path / 'no-model'}"])
+    with pytest.raises(TextBackendNotFoundError, match="no-model' is not a folder"):
+        make_generator(config, synthetic)
+
+
+def test_json_backend_imports_texts_by_raw_id(synthetic, tmp_path):
+    folder = tmp_path / "llm"
+    folder.mkdir()
+    users = {str(raw_id): f"paragraph {raw_id}" for raw_id in synthetic.user_raw_ids[:-3]}
+    (folder / "user_preferences.json").write_text(json.dumps(users))
+    (folder / "item_descriptions.json").write_text(json.dumps({"1": "Item 1, a quiet film."}))
+    config = Config().override(["text.backend=json", f"text.folder={folder}"])
+    texts = generate_texts(config, synthetic, tmp_path / "run", progress=False)
+    assert texts.users == users and texts.items == {"1": "Item 1, a quiet film."}
+    assert json.loads((tmp_path / "run" / "texts" / "user_texts.json").read_text()) == users
+
+    (folder / "user_preferences.json").write_text(json.dumps({"u999": "someone else's"}))
+    with pytest.raises(TextGenerationError, match="none of its 1 ids is a user id"):
+        make_generator(config, synthetic)
+    (folder / "item_descriptions.json").unlink()
+    with pytest.raises(TextBackendNotFoundError, match="item_descriptions.json does not exist"):
+        make_generator(config, synthetic)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_text_generate_and_audit(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["text", "generate", "--config", "configs/smoke.yaml", "--run-dir", str(run),
+                 "--set", "train.progress=false"]) == 0
+    assert "200 of 200 users and 100 of 100 items have a text" in capsys.readouterr().out
+    user_texts = json.loads((run / "texts" / "user_texts.json").read_text())
+    assert len(user_texts) == 200 and (run / "texts" / "generations.jsonl").exists()
+
+    dataset = load_dataset(Config.load("configs/smoke.yaml").data)
+    user = next(u for u in range(dataset.n_users) if dataset.target("test")[u] not in dataset.train_sequence(u))
+    first = str(dataset.user_raw_ids[user])
+    planted = dict(user_texts)
+    planted[first] += f" Next up: {dataset.item_meta[dataset.target('test')[user]].title}."
+    folder = tmp_path / "planted"
+    folder.mkdir()
+    (folder / "user_texts.json").write_text(json.dumps(planted))
+    assert main(["text", "audit", "--config", "configs/smoke.yaml", "--run-dir", str(run),
+                 "--texts", str(folder)]) == 0
+    assert "name their test item        1" in capsys.readouterr().out
+    rows = (run / "texts" / "audit.csv").read_text().splitlines()
+    assert rows[0] == "user_id,names_valid_item,names_test_item,matched_titles"
+    assert rows[user + 1].startswith(f"{first},0,1,Item ")

@@ -131,11 +131,3 @@ def test_cli_reports_bad_config_clearly(tmp_path, capsys):
     assert main(["data", "stats", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown key 'epoch'" in capsys.readouterr().err
 
-
-def test_seen_before_masks_earlier_items_but_never_the_target():
-    x = torch.tensor([[0, 3, 1, 2], [4, 4, 2, 1]])
-    y = torch.tensor([[0, 1, 2, 5], [4, 2, 1, 3]])  # second row: item 4 repeats as a target
-    positions = y > 0
-    seen = trainer.seen_before(x, positions, y[positions], n_items=5)  # (N, 5), column j = item j+1
-    as_sets = [set((row.nonzero().squeeze(1) + 1).tolist()) for row in seen]
-    assert as_sets == [{3}, {1, 3}, {1, 2, 3}, set(), {4}, {2, 4}, {1, 2, 4}]

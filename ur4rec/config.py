@@ -58,10 +58,6 @@ class ModelConfig:
 class TrainConfig:
     loss: str = option("ce", "ce (softmax over all items), bpr (softplus) or bce (sampled negatives)")
     num_negatives: int = option(1, "negatives per target for bpr and bce")
-    exclude_seen: bool = option(
-        True, "ce: items earlier in the window leave the softmax (they cannot be the next item when "
-        "each is consumed once), as eval.exclude_seen removes them from the ranking"
-    )
     epochs: int = option(200, "maximum number of epochs")
     batch_size: int = option(128, "training windows per batch")
     learning_rate: float = option(0.002, "AdamW learning rate")

@@ -86,23 +86,6 @@ def autocast(config: Config):
     return contextlib.nullcontext()
 
 
-def seen_before(x: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, n_items: int) -> torch.Tensor:
-    """(N, n_items) bool: items at or before each target's position in its window, except the target.
-
-    x: (B, T) window inputs; positions: (B, T) bool, the N positions that have a target;
-    targets: (N,). Column j is item j + 1.
-    """
-    rows, columns = positions.nonzero(as_tuple=True)  # (N,), (N,)
-    T = x.size(1)
-    window = x[rows]  # (N, T)
-    earlier = torch.arange(T, device=x.device)[None, :] <= columns[:, None]  # (N, T)
-    items = torch.where(earlier, window, torch.zeros_like(window))  # 0 = nothing (padding column)
-    seen = torch.zeros(len(rows), n_items + 1, dtype=torch.bool, device=x.device)
-    seen.scatter_(1, items, True)
-    seen[torch.arange(len(rows), device=x.device), targets] = False  # a repeat stays a valid target
-    return seen[:, 1:]
-
-
 def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
     """Learning rate at (1-based epoch, 0-based step): linear warm-up, then constant or cosine."""
     base, train = config.train.learning_rate, config.train
@@ -134,10 +117,7 @@ def train_epoch(model, optimizer, inputs, targets, config: Config, rng, generato
             negatives = None
             if config.train.loss != "ce":
                 negatives = sample_training_negatives(y_valid, model.n_items, config.train.num_negatives, generator)
-            excluded = None
-            if config.train.loss == "ce" and config.train.exclude_seen:
-                excluded = seen_before(x, target_positions, y_valid, model.n_items)
-            loss = recommendation_loss(config.train.loss, states, y_valid, model.item_vectors(), negatives, excluded)
+            loss = recommendation_loss(config.train.loss, states, y_valid, model.item_vectors(), negatives)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss term {config.train.loss!r} is {loss.item()} at epoch {epoch}, step {step}"

@@ -131,3 +131,26 @@ def test_cli_reports_bad_config_clearly(tmp_path, capsys):
     assert main(["data", "stats", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown key 'epoch'" in capsys.readouterr().err
 
+
+
+def test_cli_stages_and_ablations(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("UR4REC_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    common = ["--config", str(ROOT / "configs/smoke.yaml"), "--set", "train.progress=false",
+              "--set", "train.epochs=3", "--set", "moe.stage_epochs=2"]
+    assert main(["train", *common, "--stage", "3", "--run-dir", str(run_dir)]) == 2
+    assert "stage" in capsys.readouterr().err.lower()  # Stage 3 refused: no Stage 1/2 checkpoint
+    assert main(["train", *common, "--stages", "1,2,3", "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "UR4Rec (stage 3)" in out
+    for stage in (2, 3):
+        for name in ["model.safetensors", "checkpoint.json", "log.jsonl", "metrics.json", "test_ranks.csv",
+                     "internals/gate.json", "internals/router_weights.csv"]:
+            assert (run_dir / f"stage{stage}" / name).exists(), (stage, name)
+    assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "3"]) == 0
+    assert "every metric matches" in capsys.readouterr().out
+    assert main(["ablate", *common, "--run-dir", str(run_dir), "--only", "gate_off,skip_stage2"]) == 0
+    rows = (run_dir / "ablations.csv").read_text().splitlines()
+    assert rows[0].startswith("variant,") and [r.split(",")[0] for r in rows[1:]] == ["gate_off", "skip_stage2"]
+    info = json.loads((run_dir / "ablations/skip_stage2/stage3/checkpoint.json").read_text())
+    assert info["skipped"] == ["stage2"]

@@ -50,9 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a stage, keep its best checkpoint, evaluate it")
     _config_arguments(train)
-    train.add_argument("--stage", type=int, default=1, choices=[1], help="stage to train")
+    which = train.add_mutually_exclusive_group()
+    which.add_argument("--stage", type=int, choices=[1, 2, 3], help="one stage to train (default 1)")
+    which.add_argument("--stages", help="comma-separated stages to train in order, e.g. 1,2,3")
+    train.add_argument("--skip-stage2", action="store_true",
+                       help="let Stage 3 start from Stage 1 without a Stage-2 checkpoint (recorded in the run)")
     train.add_argument("--run-dir", required=True, type=Path, help="run directory to write")
     train.set_defaults(handler=command_train)
+
+    ablate = commands.add_parser("ablate", help="train and evaluate each ablation of Stages 2-3 (needs RUN/stage1)")
+    _config_arguments(ablate)
+    ablate.add_argument("--run-dir", required=True, type=Path, help="run directory holding stage1/")
+    ablate.add_argument("--only", help="comma-separated variant names (default: all)")
+    ablate.set_defaults(handler=command_ablate)
 
     evaluate = commands.add_parser("evaluate", help="reload a stage's checkpoint and recompute its metrics")
     evaluate.add_argument("--run-dir", required=True, type=Path, help="run directory to read")
@@ -100,25 +110,69 @@ def command_config_show(args) -> int:
     return 0
 
 
+def _stages(args) -> list[int]:
+    if args.stages:
+        try:
+            stages = [int(part) for part in args.stages.split(",")]
+        except ValueError:
+            raise ValueError(f"--stages {args.stages!r}: expected comma-separated stage numbers, e.g. 1,2,3") from None
+        if any(stage not in (1, 2, 3) for stage in stages) or stages != sorted(stages):
+            raise ValueError(f"--stages {args.stages!r}: stages are 1, 2, 3 in increasing order")
+        return stages
+    return [args.stage or 1]
+
+
 def command_train(args) -> int:
     from ur4rec.evaluation.evaluate import Popularity, build_eval_inputs, evaluate, sample_negatives
     from ur4rec.rundir import prepare_run, write_json
     from ur4rec.training.trainer import train_stage1
 
     config = _load_config(args)
+    stages = _stages(args)
     dataset = load_dataset(config.data)
     run_dir = prepare_run(args.run_dir, config, dataset)
     print(f"{dataset.name}: {dataset.n_users} users, {dataset.n_items} items, "
           f"{dataset.n_interactions} interactions (fingerprint {dataset.fingerprint}, {dataset.source})")
-    result = train_stage1(config, dataset, run_dir)
+    rows, features = {}, None
+    for stage in stages:
+        if stage == 1:
+            result = train_stage1(config, dataset, run_dir)
+            name = "SASRec (stage 1)"
+        else:
+            from ur4rec.features import build_features
+            from ur4rec.training.stages import train_stage
+
+            if features is None:
+                features = build_features(config, dataset, run_dir, progress=config.train.progress)
+            result = train_stage(config, dataset, features, run_dir, stage, skip_stage2=args.skip_stage2)
+            name = f"UR4Rec (stage {stage})"
+        rows[name] = result.metrics["test"]
+        print(f"\nstage {stage}: best epoch {result.best_epoch} of {result.epochs_run}, "
+              f"{result.seconds_per_epoch:.2f} s/epoch, {result.total_seconds:.1f} s in all")
     negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
     pop = {split: evaluate(Popularity(dataset), build_eval_inputs(dataset, split, config.data.max_len, negatives),
                            config.eval).metrics for split in ("valid", "test")}
     write_json(run_dir / "baselines" / "pop" / "metrics.json", pop)
-    print(f"\nstage 1: best epoch {result.best_epoch} of {result.epochs_run}, "
-          f"{result.seconds_per_epoch:.2f} s/epoch, {result.total_seconds:.1f} s in all")
-    print_table({"SASRec (stage 1)": result.metrics["test"], "Pop": pop["test"]}, "test")
+    rows["Pop"] = pop["test"]
+    print_table(rows, "test")
     print(f"\nrun directory: {run_dir.resolve()}")
+    return 0
+
+
+def command_ablate(args) -> int:
+    from ur4rec.features import build_features
+    from ur4rec.training.ablate import run_ablations
+
+    config = _load_config(args)
+    dataset = load_dataset(config.data)
+    features = build_features(config, dataset, args.run_dir, progress=config.train.progress)
+    only = args.only.split(",") if args.only else None
+    rows = run_ablations(config, dataset, features, args.run_dir, only)
+    print(f"\n{'variant':<16} {'valid ndcg@10':>14} {'test hr@10':>11} {'test ndcg@10':>13}")
+    for row in rows:
+        print(f"{row['variant']:<16} {row['valid_full_ndcg@10']:>14.4f} {row['test_full_hr@10']:>11.4f} "
+              f"{row['test_full_ndcg@10']:>13.4f}")
+    print(f"\nwritten: {(args.run_dir / 'ablations.csv').resolve()}")
     return 0
 
 
@@ -129,7 +183,14 @@ def command_evaluate(args) -> int:
     info = read_checkpoint_info(stage_path)
     config = Config.from_dict(info["config"], source=str(stage_path / "checkpoint.json"))
     dataset = load_dataset(config.data)
-    metrics = evaluate_stage(args.run_dir, dataset, config, stage=args.stage, write=False)
+    if args.stage == 1:
+        metrics = evaluate_stage(args.run_dir, dataset, config, stage=1, write=False)
+    else:
+        from ur4rec.features import load_features
+        from ur4rec.training.stages import evaluate_multimodal_stage
+
+        features = load_features(args.run_dir, dataset)
+        metrics = evaluate_multimodal_stage(args.run_dir, dataset, features, config, args.stage, write=False)
     print_table({f"stage {args.stage}": metrics["test"]}, "test")
     saved_path = stage_path / "metrics.json"
     if not saved_path.exists():

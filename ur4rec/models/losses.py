@@ -47,3 +47,96 @@ def recommendation_loss(name: str, states: torch.Tensor, targets: torch.Tensor, 
     if name == "bce":
         return (F.softplus(-positive) + F.softplus(negative).mean(-1)).mean()
     raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
+
+
+# --------------------------------------------------------------------------- multimodal stages (2-3)
+
+
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted InfoNCE (van den Oord et al. 2018) on cosine similarities at a fixed temperature.
+
+    queries (N, d), keys (K, d), labels (N,) index of each query's positive key, weights (N,).
+    ``sum_n w_n * CE(cos(q_n, keys) / T, label_n) / sum_n w_n``. The temperature is fixed: the
+    prototype's surprise-adaptive temperature made hard samples count *less* (DESIGN section 3);
+    hard samples get more weight through ``weights`` instead (:func:`surprise_weights`).
+    """
+    logits = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T / temperature  # (N, K)
+    per_query = F.cross_entropy(logits, labels, reduction="none")  # (N,)
+    if weights is None:
+        return per_query.mean()
+    return (weights * per_query).sum() / weights.sum().clamp_min(1e-12)
+
+
+def surprise_weights(surprise: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Instance weights ``1 + alpha * surprise`` (surprise in [0, 1]: novelty w.r.t. the user's memory)."""
+    return 1.0 + alpha * surprise
+
+
+def alignment_loss(projections: torch.Tensor, embeddings: torch.Tensor, items: torch.Tensor, temperature: float = 0.07,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE between items' multimodal projections and their ID embeddings.
+
+    projections, embeddings (N, d) for the (N,) instance items; an item that occurs twice
+    is one key, so it is never its own negative.
+    """
+    unique, index = torch.unique(items, return_inverse=True)  # (U,), (N,)
+    first = torch.full((len(unique),), len(items), device=items.device).scatter_reduce(
+        0, index, torch.arange(len(items), device=items.device), reduce="amin")  # (U,) one row per item
+    to_embedding = info_nce(projections, embeddings[first], index, temperature, weights)
+    to_projection = info_nce(embeddings, projections[first], index, temperature, weights)
+    return 0.5 * (to_embedding + to_projection)
+
+
+def load_balancing_loss(router_weights: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch Transformer auxiliary loss: ``E * sum_k f_k * P_k``.
+
+    Fedus, Zoph & Shazeer, "Switch Transformers: Scaling to Trillion Parameter Models with
+    Simple and Efficient Sparsity", JMLR 2022, eq. (4)-(6). router_weights (T, E) over T
+    tokens (here: (user, target item) pairs); ``f_k`` = fraction of tokens whose largest
+    weight is expert k (not differentiable), ``P_k`` = mean weight of expert k. Equal to 1
+    when routing is uniform. Tokens with no available expert (``available`` (T, E) all False)
+    do not count.
+    """
+    weights = router_weights.reshape(-1, router_weights.size(-1))  # (T, E)
+    if available is not None:
+        weights = weights[available.reshape(weights.shape).any(-1)]
+    if weights.size(0) == 0 or weights.size(1) == 0:
+        return router_weights.sum() * 0.0
+    E = weights.size(1)
+    fraction = F.one_hot(weights.argmax(-1), E).float().mean(0)  # (E,) f_k
+    probability = weights.float().mean(0)  # (E,) P_k
+    return E * (fraction * probability).sum()
+
+
+class UncertaintyWeighting(torch.nn.Module):
+    """Learned loss weights (Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to
+    Weigh Losses", CVPR 2018), keyed by loss name: ``sum_i exp(-s_i) L_i + s_i``, s_i = log sigma_i^2.
+
+    The common simplified form of their eq. (7) (the 1/2 factors dropped), with s_i = 0 at init
+    (every weight 1).
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.log_variances = torch.nn.ParameterDict({name: torch.nn.Parameter(torch.zeros(())) for name in names})
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        terms = {name: torch.exp(-self.log_variances[name]) * value + self.log_variances[name]
+                 for name, value in losses.items()}
+        return {**terms, "total": sum(terms.values())}
+
+
+def combine_losses(losses: dict[str, torch.Tensor], weights: dict[str, float] | None = None,
+                   uncertainty: UncertaintyWeighting | None = None) -> dict[str, torch.Tensor]:
+    """Named loss terms in; named weighted terms plus their sum ``total`` out.
+
+    Fixed weights (a missing name weighs 1) or, with ``uncertainty``, learned weights.
+    """
+    if "total" in losses:
+        raise ValueError("'total' is reserved for the combined loss")
+    if uncertainty is not None:
+        return uncertainty(losses)
+    weights = weights or {}
+    terms = {name: weights.get(name, 1.0) * value for name, value in losses.items()}
+    return {**terms, "total": sum(terms.values())}

@@ -1,0 +1,273 @@
+import json
+import shutil
+import types
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ur4rec.config import Config
+from ur4rec.data import load_dataset
+from ur4rec.evaluation import build_eval_inputs, evaluate, sample_negatives
+from ur4rec.models.losses import combine_losses
+from ur4rec.models.ur4rec_model import PARAMETER_GROUPS
+from ur4rec.rundir import prepare_run
+from ur4rec.training import stages
+from ur4rec.training.stages import (
+    STAGES,
+    StageLoadError,
+    StageOrderError,
+    apply_stage,
+    build_ur4rec,
+    group_of,
+    load_stage_model,
+    load_stage_weights,
+    stage_spec,
+    train_stage,
+    training_losses,
+    window_positions,
+)
+from ur4rec.training.trainer import NonFiniteLossError, training_windows
+
+
+def tiny_config(*overrides) -> Config:
+    return Config().override([
+        "data.name=synthetic", "data.synthetic_users=40", "data.synthetic_items=40", "data.synthetic_length=12",
+        "data.max_len=8", "model.hidden_size=16", "model.num_layers=1", "model.num_heads=2", "model.dropout=0.1",
+        "train.epochs=2", "train.batch_size=32", "train.learning_rate=0.01", "train.progress=false",
+        "train.threads=1", "eval.num_sampled_negatives=5", "moe.short_term_size=4", "moe.long_term_capacity=4",
+        "moe.retrieval_top_k=4", "moe.num_negatives=8", "moe.attention_sample_users=5", *overrides])
+
+
+def random_features(dataset, seed=0):
+    rng = np.random.default_rng(seed)
+    V, U = dataset.n_items + 1, dataset.n_users
+
+    def unit(shape):
+        array = rng.normal(size=shape)
+        return (array / np.linalg.norm(array, axis=1, keepdims=True)).astype(np.float32)
+
+    features = types.SimpleNamespace(
+        item_text=unit((V, 384)), item_text_mask=np.r_[False, rng.random(V - 1) < 0.9],
+        user_text=unit((U, 384)), user_text_mask=rng.random(U) < 0.8,
+        item_image=unit((V, 512)), item_image_mask=np.r_[False, rng.random(V - 1) < 0.7])
+    features.item_text[0] = 0
+    features.item_image[0] = 0
+    return features
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = tiny_config()
+    dataset = load_dataset(config.data)
+    return config, dataset, random_features(dataset)
+
+
+@pytest.fixture(scope="module")
+def three_stages(setup, tmp_path_factory):
+    config, dataset, features = setup
+    run = tmp_path_factory.mktemp("run")
+    prepare_run(run, config, dataset)
+    results = {stage: train_stage(config, dataset, features, run, stage) for stage in (1, 2, 3)}
+    return run, results
+
+
+def one_batch(config, dataset):
+    windows = stages._checked_windows(dataset, config.data.max_len)
+    rows = np.arange(8)
+    return [torch.from_numpy(array[rows]) for array in (windows[0], windows[1], windows[3])] + \
+        [torch.from_numpy(windows[2][rows])]
+
+
+# --------------------------------------------------------------------------- specs and gradients
+
+
+def test_stage_specs_cover_every_group():
+    for stage, spec in STAGES.items():
+        assert not set(spec.train) & set(spec.freeze), stage
+        assert set(spec.train) | set(spec.freeze) == set(PARAMETER_GROUPS), stage
+        assert set(spec.load) <= set(PARAMETER_GROUPS)
+    assert {"item_embedding", "backbone"} <= set(STAGES[2].freeze)
+    assert STAGES[3].freeze == ("item_embedding",) and "backbone" in STAGES[3].train
+    assert stage_spec(3, skip_stage2=True).previous == 1
+    assert group_of("experts.visual.query.weight", PARAMETER_GROUPS) == "experts.visual"
+    assert group_of("backbone.blocks.0.attention.qkv.weight", PARAMETER_GROUPS) == "backbone"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gradients_reach_every_trained_group_and_no_frozen_one(setup, stage):
+    config, dataset, features = setup
+    torch.manual_seed(0)
+    model = build_ur4rec(config, dataset, features)
+    with torch.no_grad():
+        model.item_embedding.weight[1:].normal_(0, 0.3)
+    spec = STAGES[stage]
+    trainable = apply_stage(model, spec)
+    assert set(trainable) == set(spec.train)
+    x, y, t, users = one_batch(config, dataset)
+    losses = training_losses(model, x, y, t, users, config, torch.Generator().manual_seed(0), "router" in trainable,
+                             "backbone" in trainable)
+    assert {"recommendation", "alignment"} <= set(losses) and ("backbone" in losses) == (stage != 2)
+    combine_losses(losses, {"alignment": 0.1, "load_balance": 0.01})["total"].backward()
+    groups = model.parameter_groups()
+    for name, module in groups.items():
+        grads = [p.grad for p in module.parameters()]
+        if name in spec.train:
+            assert any(g is not None and g.abs().sum() > 0 for g in grads), f"no gradient reaches {name}"
+            assert all(torch.isfinite(g).all() for g in grads if g is not None), name
+        else:
+            assert all(g is None for g in grads), f"frozen {name} got a gradient"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def save_stage1(setup, folder):
+    """A Stage-1 checkpoint: SASRec weights named like UR4Rec's item_embedding/backbone groups."""
+    config, dataset, _ = setup
+    from ur4rec.models.sasrec import SASRec
+    from ur4rec.training.checkpoint import save_checkpoint
+
+    torch.manual_seed(1)
+    sasrec = SASRec(config.model, dataset.n_items, config.data.max_len)
+    save_checkpoint(folder, sasrec, {"stage": 1, "data_fingerprint": dataset.fingerprint, "config": config.to_dict(),
+                                     "n_items": dataset.n_items})
+    return sasrec
+
+
+def test_stage1_groups_load_and_a_missing_group_is_an_error(setup, tmp_path):
+    config, dataset, features = setup
+    sasrec = save_stage1(setup, tmp_path / "stage1")
+    model = build_ur4rec(config, dataset, features)
+    report = load_stage_weights(model, tmp_path / "stage1", STAGES[2])
+    assert report.loaded["item_embedding"] == 1 and report.loaded["backbone"] == len(sasrec.backbone.state_dict())
+    assert not any(report.missing.values()) and not any(report.unexpected.values())
+    assert torch.equal(model.item_embedding.weight, sasrec.item_embedding.weight)
+    assert torch.equal(model.backbone.final_norm.weight, sasrec.backbone.final_norm.weight)
+
+    weights = tmp_path / "stage1" / "model.safetensors"
+    state = load_file(str(weights))
+    del state["item_embedding.weight"]
+    state["backbone.extra.weight"] = torch.zeros(2)
+    save_file(state, str(weights))
+    fresh = build_ur4rec(config, dataset, features)
+    before = fresh.backbone.final_norm.bias.clone()
+    with pytest.raises(StageLoadError, match=r"\['item_embedding', 'backbone'\].*missing \['item_embedding.weight'\]"
+                                             r".*unexpected \['backbone.extra.weight'\]"):
+        load_stage_weights(fresh, tmp_path / "stage1", STAGES[2])
+    assert torch.equal(fresh.backbone.final_norm.bias, before)  # nothing half-loaded
+
+
+def test_stage3_needs_stage2_groups_from_a_stage2_checkpoint(setup, tmp_path):
+    config, dataset, features = setup
+    save_stage1(setup, tmp_path / "stage1")
+    model = build_ur4rec(config, dataset, features)
+    with pytest.raises(StageLoadError, match="experts.visual"):  # a Stage-1 file has no experts
+        load_stage_weights(model, tmp_path / "stage1", STAGES[3])
+
+
+def test_memory_is_built_from_the_train_part_only(setup):
+    config, dataset, features = setup
+    memory = stages.build_user_memory(dataset, features, config)
+    leaks = 0
+    for user in range(dataset.n_users):
+        train = set(dataset.train_sequence(user).tolist())
+        stored = set(memory.items[user][memory.mask[user]].tolist())
+        assert stored <= train, user
+        held_out = set(dataset.sequences[user][-2:].tolist()) - train
+        leaks += len(stored & held_out)
+        assert (memory.time[user][memory.mask[user]] < len(dataset.train_sequence(user))).all()  # train positions
+    assert leaks == 0
+
+
+def test_window_positions_match_training_windows(setup):
+    config, dataset, _ = setup
+    inputs, targets = training_windows(dataset, config.data.max_len)
+    users, times = window_positions(dataset, config.data.max_len)
+    assert len(users) == len(inputs) and times.shape == targets.shape
+    for row in range(len(users)):
+        sequence = dataset.train_sequence(users[row])
+        real = targets[row] > 0
+        assert (sequence[times[row][real]] == targets[row][real]).all()
+        assert (sequence[times[row][real] - 1] == inputs[row][real]).all()  # the input just before
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def test_three_stages_write_the_run_directory(setup, three_stages):
+    config, dataset, features = setup
+    run, results = three_stages
+    for stage in (2, 3):
+        folder = run / f"stage{stage}"
+        for name in ["model.safetensors", "checkpoint.json", "log.jsonl", "metrics.json", "test_ranks.csv",
+                     "internals/router_weights.csv", "internals/expert_contributions.csv", "internals/gate.json",
+                     "internals/attention.npz"]:
+            assert (folder / name).exists(), f"stage{stage}/{name}"
+        info = json.loads((folder / "checkpoint.json").read_text())
+        assert info["stage"] == stage and info["skipped"] == [] and info["loaded_from"]["stage"] == stage - 1
+        log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+        assert all({"gate", "losses", "train_loss", "valid"} <= set(r) for r in log)
+        assert {"recommendation", "alignment"} <= set(log[0]["losses"])
+        gates = json.loads((folder / "internals/gate.json").read_text())["gate"]
+        assert [g["epoch"] for g in gates] == list(range(len(log) + 1))
+        # the best checkpoint is rebuilt from checkpoint.json + features + data and reproduces its metric
+        model, _ = load_stage_model(folder, features, dataset)
+        negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
+        valid = evaluate(model, build_eval_inputs(dataset, "valid", config.data.max_len, negatives), config.eval)
+        assert valid.metrics["full"]["ndcg@10"] == pytest.approx(info["best"]["value"], abs=1e-9)
+        assert json.loads((folder / "metrics.json").read_text()) == results[stage].metrics
+        header = (folder / "internals/router_weights.csv").read_text().splitlines()[0]
+        assert header == "user_id,item_id,role,rank,visual,semantic,preference,fusion"
+        rows = (folder / "internals/expert_contributions.csv").read_text().splitlines()
+        assert len(rows) == 1 + dataset.n_users * 11
+        attention = np.load(folder / "internals/attention.npz")
+        assert attention["backbone_layer0"].shape[:2] == (5, 2) and attention["cross_visual"].shape[:2] == (5, 11)
+    # stage 3 trains the gate (it moved); stage 2 kept item embedding and backbone frozen; stage 3 the embedding
+    gates = json.loads((run / "stage3/internals/gate.json").read_text())["gate"]
+    assert gates[-1]["gate"] != gates[0]["gate"]
+    states = {stage: load_file(str(run / f"stage{stage}/model.safetensors")) for stage in (1, 2, 3)}
+    assert all(torch.equal(states[1][k], states[2][k]) for k in states[1])
+    assert torch.equal(states[1]["item_embedding.weight"], states[3]["item_embedding.weight"])
+
+
+def test_stage3_refuses_without_stage2_and_records_a_skip(setup, three_stages, tmp_path):
+    config, dataset, features = setup
+    run, _ = three_stages
+    prepare_run(tmp_path, config, dataset)
+    shutil.copytree(run / "stage1", tmp_path / "stage1")
+    with pytest.raises(StageOrderError, match="stage3 needs a valid stage-2 checkpoint.*skip_stage2=True"):
+        train_stage(config, dataset, features, tmp_path, 3)
+    assert not (tmp_path / "stage3").exists()
+    result = train_stage(config.override(["train.epochs=1"]), dataset, features, tmp_path, 3, skip_stage2=True)
+    info = json.loads((tmp_path / "stage3/checkpoint.json").read_text())
+    assert info["skipped"] == ["stage2"] and info["loaded_from"] == {"stage": 1, "groups": ["item_embedding", "backbone"]}
+    assert result.epochs_run == 1 and (tmp_path / "stage3/metrics.json").exists()
+    # a stage-1 checkpoint in the stage-2 folder is not a valid stage-2 checkpoint
+    shutil.copytree(run / "stage1", tmp_path / "stage2")
+    with pytest.raises(StageOrderError, match="says stage 1"):
+        train_stage(config, dataset, features, tmp_path, 3)
+
+
+def test_non_finite_loss_stops_and_names_the_term(setup, three_stages, tmp_path, monkeypatch):
+    config, dataset, features = setup
+    run, _ = three_stages
+    prepare_run(tmp_path, config, dataset)
+    shutil.copytree(run / "stage1", tmp_path / "stage1")
+    monkeypatch.setattr(stages, "alignment_loss", lambda *args, **kwargs: torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteLossError, match=r"loss term 'alignment' is nan at epoch 1, step 0"):
+        train_stage(config, dataset, features, tmp_path, 2)
+
+
+@pytest.mark.parametrize("mode", ["in_batch", "full"])
+def test_other_training_candidate_modes_and_uncertainty_weighting_train(setup, mode):
+    config, dataset, features = setup
+    config = config.override([f"moe.train_candidates={mode}", "moe.loss_weighting=uncertainty"])
+    model = build_ur4rec(config, dataset, features)
+    trainable = apply_stage(model, STAGES[3])
+    x, y, t, users = one_batch(config, dataset)
+    losses = training_losses(model, x, y, t, users, config)
+    assert all(torch.isfinite(v) for v in losses.values()) and "load_balance" in losses
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in trainable["gate"])

@@ -1,0 +1,399 @@
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ur4rec.config import Config
+from ur4rec.models.experts import Gate, masked_softmax, pca_init_
+from ur4rec.models.losses import (
+    UncertaintyWeighting,
+    alignment_loss,
+    combine_losses,
+    info_nce,
+    load_balancing_loss,
+    surprise_weights,
+)
+from ur4rec.models.memory import LONG_TERM, SHORT_TERM, LocalMemory, build_memory, combined_item_features, read_entries
+from ur4rec.models.sasrec import SASRec
+from ur4rec.models.scoring import score
+from ur4rec.models.ur4rec_model import PARAMETER_GROUPS, UR4Rec
+
+N_ITEMS, N_USERS, T = 30, 12, 8
+
+
+def unit(array):
+    return (array / np.linalg.norm(array, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_features(text=1.0, image=0.8, users=0.75, seed=0):
+    """Random FeatureSet-like object: each item/user has a modality with the given probability."""
+    rng = np.random.default_rng(seed)
+    V = N_ITEMS + 1
+    features = types.SimpleNamespace(
+        item_text=unit(rng.normal(size=(V, 384))), item_text_mask=np.r_[False, rng.random(N_ITEMS) < text],
+        user_text=unit(rng.normal(size=(N_USERS, 384))), user_text_mask=rng.random(N_USERS) < users,
+        item_image=unit(rng.normal(size=(V, 512))) if image else None,
+        item_image_mask=np.r_[False, rng.random(N_ITEMS) < image] if image else None,
+    )
+    features.item_text[0] = 0
+    return features
+
+
+def no_modality():
+    features = make_features(text=0.0, image=0.0, users=0.0)
+    features.item_text[:] = 0
+    return features
+
+
+def make_sequences(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, N_ITEMS + 1, size=int(rng.integers(3, 25))) for _ in range(N_USERS)]
+
+
+def make_config(*overrides):
+    return Config().override(["model.hidden_size=16", "model.num_layers=2", "model.num_heads=2", "model.dropout=0.0",
+                              f"data.max_len={T}", "moe.short_term_size=4", "moe.long_term_capacity=6",
+                              "moe.retrieval_top_k=5", "moe.gate_init=0.5", *overrides])
+
+
+def make_model(features=None, *overrides, sequences=None, seed=0):
+    config = make_config(*overrides)
+    features = features if features is not None else make_features()
+    sequences = sequences if sequences is not None else make_sequences()
+    memory = build_memory(sequences, combined_item_features(features), config.moe.short_term_size,
+                          config.moe.long_term_capacity, config.moe.novelty_threshold)
+    torch.manual_seed(seed)
+    model = UR4Rec(config, N_ITEMS, N_USERS, features, memory)
+    with torch.no_grad():  # trained-looking embeddings and a non-trivial router
+        model.item_embedding.weight[1:].normal_(0, 0.5)
+        for parameter in model.router.parameters() if model.expert_names else []:
+            parameter.normal_(0, 0.5)
+    return model
+
+
+def batch(seed=0, B=6):
+    generator = torch.Generator().manual_seed(seed)
+    users = torch.randint(0, N_USERS, (B,), generator=generator)
+    ids = torch.randint(1, N_ITEMS + 1, (B, T), generator=generator)
+    ids[0, :5] = 0  # a short, left-padded history
+    return users, ids
+
+
+# --------------------------------------------------------------------------- shapes and scoring
+
+
+def test_output_shapes_in_training_candidate_and_full_ranking_modes():
+    model = make_model().eval()
+    users, ids = batch()
+    B = len(users)
+    states, _ = model.encode(ids)
+    rows = model.read_memory(users, states[:, -1])
+    targets = torch.randint(1, N_ITEMS + 1, (B,))
+    negatives = torch.randint(1, N_ITEMS + 1, (7,))
+    sampled = model.score_rows(rows, torch.cat([targets[:, None], negatives[None].expand(B, -1)], 1))
+    assert sampled.scores.shape == (B, 8) and sampled.router_weights.shape == (B, 8, 4)
+    in_batch = model.score_rows(rows, targets[None].expand(B, B))
+    assert in_batch.scores.shape == (B, B)
+    full_softmax = model.score_rows(rows, torch.arange(1, N_ITEMS + 1))
+    assert full_softmax.scores.shape == (B, N_ITEMS)
+    candidates = torch.randint(1, N_ITEMS + 1, (B, 6))
+    assert model.score_candidates(users, ids, candidates).shape == (B, 6)
+    full = model.score_all(users, ids)
+    assert full.shape == (B, N_ITEMS + 1)
+    # chunked == unchunked == every item as a per-row candidate list == the in-batch diagonal
+    assert torch.allclose(model.score_all(users, ids, chunk_size=7), full, atol=1e-5)
+    per_row = model.score_candidates(users, ids, torch.arange(N_ITEMS + 1).expand(B, -1))
+    assert torch.allclose(per_row, full, atol=1e-5)
+    assert torch.allclose(in_batch.scores.diagonal(), full.gather(1, targets[:, None]).squeeze(1), atol=1e-5)
+    assert torch.allclose(full_softmax.scores, full[:, 1:], atol=1e-5)
+
+
+def test_scores_are_the_dot_product_of_z_with_the_candidate():
+    model = make_model().eval()
+    users, ids = batch(1)
+    candidates = torch.randint(1, N_ITEMS + 1, (len(users), 5))
+    out = model(users, ids, candidates, details=True)
+    e = model.item_embedding(candidates)  # (B, C, d)
+    residual = sum(out.router_weights[..., k, None] * out.expert_outputs[name]
+                   for k, name in enumerate(out.expert_names))
+    z = out.user_states[:, None] + out.gate * residual  # (B, C, d)
+    assert torch.allclose(out.scores, (z * e).sum(-1), atol=1e-4)
+    for k, name in enumerate(out.expert_names):  # each expert's table-computed score is E_k . e_c
+        expected = out.gate * out.router_weights[..., k] * (out.expert_outputs[name] * e).sum(-1)
+        assert torch.allclose(out.expert_scores[name], expected, atol=1e-4), name
+    assert torch.allclose(out.scores, out.backbone_scores + sum(out.expert_scores.values()), atol=1e-5)
+    assert (out.router_weights > 0).any(-1).all()  # experts did contribute
+
+
+def test_every_modality_missing_reduces_exactly_to_sasrec():
+    model = make_model(no_modality()).eval()
+    sasrec = SASRec(model.config.model, N_ITEMS, T).eval()
+    state = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in ("item_embedding", "backbone")}
+    sasrec.load_state_dict(state, strict=True)  # the same parameter names
+    users, ids = batch(2)
+    assert torch.allclose(model.score_all(users, ids), sasrec.score_all(users, ids), rtol=1e-6, atol=1e-6)
+    out = model(users, ids, torch.randint(1, N_ITEMS + 1, (len(users), 9)))
+    assert not out.available.any() and (out.router_weights == 0).all()
+
+
+@pytest.mark.parametrize("overrides", [["moe.experts=[]"], ["moe.gate=none"]])
+def test_experts_off_or_gate_off_is_sasrec(overrides):
+    model = make_model(make_features(), *overrides).eval()
+    users, ids = batch(3)
+    states, _ = model.encode(ids)
+    expected = score(states[:, -1], model.item_vectors())
+    assert torch.allclose(model.score_all(users, ids), expected, atol=1e-5)
+
+
+def test_experts_and_memory_switch_off_by_config():
+    model = make_model(make_features(), "moe.experts=[semantic, fusion]")
+    assert model.expert_names == ("semantic", "fusion")
+    assert set(model.parameter_groups()) == set(PARAMETER_GROUPS) - {"experts.visual", "experts.preference"}
+    no_memory = make_model(make_features(), "moe.memory=false").eval()
+    out = no_memory(*batch(4), torch.randint(1, N_ITEMS + 1, (6, 4)))
+    names = list(out.expert_names)
+    assert no_memory.memory.size == 0
+    assert not out.available[..., names.index("visual")].any() and not out.available[..., names.index("semantic")].any()
+    assert out.available[..., names.index("fusion")].all()
+    with pytest.raises(ValueError, match="unknown expert 'audio'"):
+        make_model(make_features(), "moe.experts=[audio]")
+
+
+@pytest.mark.parametrize("features", [no_modality, lambda: make_features(text=0.5, image=0.3, users=0.5),
+                                      lambda: make_features(image=0.0)])
+def test_values_and_gradients_finite_with_missing_modalities_and_padding_rows(features):
+    model = make_model(features()).train()
+    users, ids = batch(5, B=5)
+    ids[1] = 0  # an all-padding row
+    before = torch.tensor([0, 0, 3, 100, 1])  # rows 0-1 see no memory at all
+    states, attentions = model.encode(ids, need_weights=True)
+    rows = model.read_memory(users, states[:, -1], before)
+    out = model.score_rows(rows, torch.randint(1, N_ITEMS + 1, (5, 6)), details=True, need_weights=True)
+    tensors = [out.scores, out.router_weights, out.novelty, *out.expert_outputs.values(),
+               *out.cross_attentions.values(), *attentions]
+    assert all(torch.isfinite(t).all() for t in tensors)
+    F.cross_entropy(out.scores, torch.zeros(5, dtype=torch.long)).backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is None or torch.isfinite(parameter.grad).all(), name
+
+
+def test_router_gives_exactly_zero_weight_to_a_missing_modality():
+    features = make_features(text=1.0, image=0.5, users=0.5)
+    model = make_model(features).eval()
+    users = torch.arange(N_USERS)
+    ids = torch.randint(1, N_ITEMS + 1, (N_USERS, T))
+    candidates = torch.arange(1, N_ITEMS + 1).expand(N_USERS, -1)
+    out = model(users, ids, candidates)
+    names = list(out.expert_names)
+    no_image = torch.from_numpy(~features.item_image_mask[1:])
+    visual = out.router_weights[..., names.index("visual")]
+    assert (visual[:, no_image] == 0).all() and (visual[:, ~no_image] > 0).any()
+    preference = out.router_weights[..., names.index("preference")]
+    no_text = torch.from_numpy(~features.user_text_mask)
+    assert (preference[no_text] == 0).all() and (preference[~no_text] > 0).all()
+    assert torch.allclose(out.router_weights.sum(-1), torch.ones(N_USERS, N_ITEMS))  # all rows have some expert
+
+
+def test_masked_softmax_exact_zeros_and_empty_rows():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], requires_grad=True)
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    weights = masked_softmax(logits, mask)
+    assert weights[0, 1] == 0 and torch.allclose(weights[0].sum(), torch.tensor(1.0))
+    assert (weights[1] == 0).all()
+    weights.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+# --------------------------------------------------------------------------- parameters, buffers, init
+
+
+def test_parameter_groups_and_sasrec_names():
+    model = make_model()
+    sasrec = SASRec(model.config.model, N_ITEMS, T)
+    backbone_keys = {k for k in model.state_dict() if k.split(".")[0] in ("item_embedding", "backbone")}
+    assert backbone_keys == set(sasrec.state_dict())
+    groups = model.parameter_groups()
+    assert set(groups) == set(PARAMETER_GROUPS)
+    owned = [k for k, _ in model.named_parameters() if any(k.startswith(g + ".") for g in groups)]
+    assert len(owned) == len(list(model.parameters()))  # every parameter is in a named group
+    # features and memory are data, not weights
+    assert not any(k.startswith(("item_text", "item_image", "user_text", "item_content", "memory.items"))
+                   for k in model.state_dict())
+    assert "item_text" in dict(model.named_buffers()) and "memory.items" in dict(model.named_buffers())
+
+
+def test_width_changing_adapters_preserve_feature_geometry():
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(384, 10)))[0]  # features in a 10-d subspace of R^384
+    features = torch.from_numpy(rng.normal(size=(50, 10)) @ basis.T).float()
+    layer = pca_init_(torch.nn.Linear(384, 16), features)
+    with torch.no_grad():
+        projected = layer(features)
+    # 16 >= the data's rank: an isometry on the data, pairwise distances kept
+    exact = "donot_use_mm_for_euclid_dist"
+    assert torch.allclose(torch.cdist(projected, projected, compute_mode=exact),
+                          torch.cdist(features, features, compute_mode=exact), atol=1e-4)
+    assert torch.allclose(projected.mean(0), torch.zeros(16), atol=1e-5)  # centred
+    model = make_model()
+    texts = model.item_text[model.item_text_mask]
+    with torch.no_grad():
+        kept = model.alignment.text(texts).var(0).sum() / texts.var(0).sum()
+    assert kept > 16 / 384  # top principal directions keep more variance than a random 16-d projection would
+
+
+# --------------------------------------------------------------------------- gate
+
+
+def test_gate_straight_through_keeps_expert_gradients_alive_at_a_small_gate():
+    g = 1e-3
+    grads = {}
+    for mode in ("straight_through", "plain"):
+        model = make_model(make_features(), f"moe.gate_init={g}", f"moe.gate_gradient={mode}").train()
+        users, ids = batch(6)
+        out = model(users, ids, torch.randint(1, N_ITEMS + 1, (6, 8)))
+        F.cross_entropy(out.scores, torch.zeros(6, dtype=torch.long)).backward()
+        grads[mode] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        scores = out.scores.detach()
+        grads[mode]["scores"] = scores
+    st, plain = grads["straight_through"], grads["plain"]
+    assert torch.equal(st["scores"], plain["scores"])  # same forward pass
+    assert st["gate.value"].abs() > 0 and torch.allclose(st["gate.value"], plain["gate.value"])  # exact gate gradient
+    for name in ("experts.visual.query.weight", "experts.semantic.key.weight", "experts.fusion.out.weight",
+                 "experts.preference.out.weight", "router.out.weight", "memory.tier_bias"):
+        ratio = st[name].norm() / plain[name].norm()
+        assert ratio == pytest.approx(1 / g, rel=1e-3), name  # the naive form shrinks them by g
+    assert st["experts.visual.query.weight"].norm() > 1e-4 > plain["experts.visual.query.weight"].norm()
+    # parameters that also act outside the gate keep their exact gradient
+    for name in ("alignment.text.weight", "backbone.final_norm.weight", "item_embedding.weight"):
+        assert torch.allclose(st[name], plain[name]), name
+
+
+def test_gate_none_is_zero_and_not_a_parameter():
+    gate = Gate("none", init=0.3)
+    assert list(gate.parameters()) == [] and torch.equal(gate(torch.ones(3)), torch.zeros(3))
+    with pytest.raises(ValueError):
+        Gate("vector", init=0.1)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_memory_writes_novel_items_only():
+    memory = LocalMemory(short_term_size=3, long_term_capacity=4, novelty_threshold=0.3)
+    a, b, near_a = np.array([1.0, 0.0]), np.array([0.0, 1.0]), unit(np.array([[1.0, 0.1]]))[0]
+    assert memory.write(1, a) is True  # empty store: novel
+    assert memory.write(1, a) is False  # a duplicate
+    assert memory.write(2, near_a) is False  # cosine 0.995: novelty 0.005 < 0.3
+    assert memory.write(3, b) is True  # orthogonal: novelty 1
+    assert [e.item for e in memory.long_term] == [1, 3]
+    assert memory.long_term[0].crf > 2.0  # item 1 was accessed again twice
+    # no feature: identity decides
+    assert memory.write(7, np.zeros(2)) is True and memory.write(7, np.zeros(2)) is False
+    # the short-term tier is a FIFO of every item
+    assert [item for item, _ in memory.short_term] == [3, 7, 7]
+
+
+def test_memory_capacity_and_eviction_by_recency_and_frequency():
+    memory = LocalMemory(short_term_size=10, long_term_capacity=2, novelty_threshold=0.5, half_life=10.0)
+    a, b, c, d = np.eye(4)
+    memory.write(1, a, time=0)
+    memory.write(2, b, time=1)
+    memory.write(1, a, time=2)  # item 1: accessed twice, and more recently than item 2
+    assert memory.write(3, c, time=3) is True  # full: evicts item 2, the lowest recency-frequency value
+    assert sorted(e.item for e in memory.long_term) == [1, 3]
+    assert len(memory.long_term) == 2
+    # much later, the stale frequent entry loses to the fresh one
+    memory.write(3, c, time=60)
+    memory.write(4, d, time=61)
+    assert sorted(e.item for e in memory.long_term) == [3, 4]
+
+
+def test_build_memory_pads_records_time_and_tier():
+    features = make_features()
+    sequences = [np.array([1, 2, 3, 1, 4, 5]), np.array([7])]
+    memory = build_memory(sequences, combined_item_features(features), 3, 4, 0.5)
+    assert memory.items.shape == (2, 7)
+    short = memory.tier[0][memory.mask[0]] == SHORT_TERM
+    assert memory.items[0][memory.mask[0]][short].tolist() == [5, 4, 1]  # newest first
+    assert memory.time[0][memory.mask[0]][short].tolist() == [5, 4, 3]  # train positions
+    long = memory.items[0][memory.mask[0] & (memory.tier[0] == LONG_TERM)]
+    assert long.tolist() == [1, 3, 4, 5]  # full at item 5: item 2 (one old access) evicted; 1 is not written twice
+    assert memory.mask[1].sum() == 2 and memory.items[1][:2].tolist() == [7, 7]  # both tiers
+
+
+def test_training_rows_only_see_memory_written_before_their_target():
+    model = make_model()
+    users = torch.tensor([0, 0, 0])
+    before = torch.tensor([0, 2, 1000])
+    items, visible, _ = model.memory.read(users, before)
+    times = model.memory.time[0]
+    assert not visible[0].any()
+    assert (visible[1] == (model.memory.mask[0] & (times < 2))).all()
+    assert (visible[2] == model.memory.mask[0]).all()
+
+
+def test_retrieval_reads_the_top_k_visible_entries():
+    relevance = torch.tensor([[[0.1, 0.9, 0.5, 0.7]]])  # (N=1, C=1, M=4)
+    visible = torch.tensor([[True, False, True, True]])
+    memory_index = torch.tensor([[10, 11, 12, 13]])
+    reads = read_entries(relevance, visible, memory_index, torch.zeros(1, 4), 2, None, 20)
+    assert reads.entries.tolist() == [[[13, 12]]] and reads.valid.all()
+    assert reads.novelty.item() == pytest.approx(0.3)
+    reads = read_entries(relevance, visible, memory_index, torch.zeros(1, 4), 0, None, 20)
+    assert reads.valid.tolist() == [[[True, False, True, True]]]
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_load_balancing_loss_against_hand_computation():
+    weights = torch.tensor([[0.7, 0.3, 0.0], [0.2, 0.8, 0.0], [0.6, 0.4, 0.0], [0.0, 0.0, 0.0]])
+    available = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    # the last token has no expert and does not count: f = (2/3, 1/3, 0), P = (0.5, 0.5, 0)
+    expected = 3 * (2 / 3 * 0.5 + 1 / 3 * 0.5)
+    assert load_balancing_loss(weights, available).item() == pytest.approx(expected)
+    uniform = torch.full((4, 4), 0.25)
+    uniform[:, 0] += 1e-3  # argmax ties broken toward expert 0: f = (1, 0, 0, 0)
+    assert load_balancing_loss(uniform).item() == pytest.approx(4 * 0.25 + 4 * 1e-3, rel=1e-3)
+
+
+def test_uncertainty_weighting_and_fixed_weights_by_name():
+    losses = {"recommendation": torch.tensor(2.0), "alignment": torch.tensor(0.5)}
+    fixed = combine_losses(losses, {"alignment": 0.1})
+    assert fixed["recommendation"].item() == 2.0 and fixed["alignment"].item() == pytest.approx(0.05)
+    assert fixed["total"].item() == pytest.approx(2.05)
+    weighting = UncertaintyWeighting(["recommendation", "alignment"])
+    with torch.no_grad():
+        weighting.log_variances["recommendation"].fill_(0.5)
+        weighting.log_variances["alignment"].fill_(-1.0)
+    terms = combine_losses(losses, uncertainty=weighting)
+    assert terms["recommendation"].item() == pytest.approx(np.exp(-0.5) * 2.0 + 0.5)
+    assert terms["alignment"].item() == pytest.approx(np.exp(1.0) * 0.5 - 1.0)
+    assert terms["total"].item() == pytest.approx(np.exp(-0.5) * 2.0 + 0.5 + np.exp(1.0) * 0.5 - 1.0)
+    terms["total"].backward()
+    assert weighting.log_variances["alignment"].grad.item() == pytest.approx(1 - np.exp(1.0) * 0.5)
+    with pytest.raises(ValueError, match="reserved"):
+        combine_losses({"total": torch.tensor(1.0)})
+
+
+def test_info_nce_instance_weights_against_hand_computation():
+    queries = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    keys = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 0])  # the second query's positive is the orthogonal key
+    t = 0.07
+    first = -np.log(np.exp(1 / t) / (np.exp(1 / t) + np.exp(0)))
+    second = -np.log(np.exp(0) / (np.exp(0) + np.exp(1 / t)))
+    weights = surprise_weights(torch.tensor([0.0, 0.5]), alpha=2.0)  # 1 and 2
+    assert weights.tolist() == [1.0, 2.0]
+    assert info_nce(queries, keys, labels, t, weights).item() == pytest.approx((first + 2 * second) / 3, rel=1e-4)
+    assert info_nce(queries, keys, labels, t).item() == pytest.approx((first + second) / 2, rel=1e-4)
+
+
+def test_alignment_loss_never_uses_an_item_as_its_own_negative():
+    embeddings = torch.eye(3)[[0, 1, 0]]  # item 5 twice
+    items = torch.tensor([5, 6, 5])
+    aligned = alignment_loss(embeddings, embeddings, items, temperature=0.07)
+    assert aligned.item() < 1e-3  # perfectly aligned: near zero although item 5 appears twice
+    assert alignment_loss(embeddings[[1, 0, 1]], embeddings, items, temperature=0.07).item() > 1.0

@@ -1,0 +1,273 @@
+"""Local dynamic memory: what each user's history holds, in two tiers (DESIGN section 3).
+
+* **Short-term**: the last ``W`` items of the user's train sequence (a FIFO).
+* **Long-term**: an item is written only when it is novel enough,
+  ``novelty = 1 - max cosine(item, stored entries) > threshold``, on the combined
+  L2-normalised text + visual feature. A non-novel item counts as an access of its most
+  similar entry instead. When the store is full, the entry with the lowest combined
+  recency-frequency value is evicted: LRFU's ``CRF(t) = sum over accesses 2^(-(t - t_a) / h)``
+  (Lee et al., "LRFU: a spectrum of policies that subsumes the least recently used and least
+  frequently used policies", IEEE Trans. Computers 2001), with half-life ``h`` in steps.
+  An item with no feature at all is compared by identity: novel unless the same item is stored.
+
+Memory is built from the **train part only** (``dataset.train_sequence(u)``), so nothing of a
+user's validation or test items reaches it. Every entry remembers the train position at which
+it was written (``time``): a training target at position ``j`` may only see entries with
+``time < j``, so training never reads the future of the sequence it predicts. (Which
+long-term entries survive eviction still depends on the whole train part; that is a
+property of the memory's bookkeeping, not of any item the target could be copied from.)
+
+:func:`build_memory` is the pure function that turns every user's train sequence into padded
+tensors; :class:`LocalMemory` holds one user's memory with write/read semantics;
+:func:`read_entries` retrieves, for each (user, candidate item), the top-K visible entries most
+relevant to the candidate (cosine on the content features; the model falls back to ID
+embeddings for items without any); :class:`MemoryReader` is the model's ``memory`` group:
+the memory tensors as buffers and a learned per-tier bias on the experts' attention logits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+SHORT_TERM, LONG_TERM = 0, 1
+
+
+def combined_item_features(features) -> np.ndarray:
+    """(n_items + 1, D_text + D_image) L2-normalised text ++ image features; zero rows have neither.
+
+    ``features`` is any object with the FeatureSet attributes (``item_text``, ``item_text_mask``,
+    ``item_image`` and ``item_image_mask``, the last two possibly None).
+    """
+    parts = [_normalised(features.item_text, features.item_text_mask)]
+    if features.item_image is not None:
+        parts.append(_normalised(features.item_image, features.item_image_mask))
+    combined = np.concatenate(parts, axis=1)
+    norm = np.linalg.norm(combined, axis=1, keepdims=True)
+    return (combined / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+def _normalised(array: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float32) * np.asarray(mask, dtype=bool)[:, None]
+    return array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class _Entry:
+    item: int
+    feature: np.ndarray
+    written_at: int
+    last_access: int
+    crf: float  # LRFU combined recency-frequency value at ``last_access``
+
+
+class LocalMemory:
+    """One user's two-tier memory. ``write`` every item in time order; ``read`` the entries."""
+
+    def __init__(self, short_term_size: int, long_term_capacity: int, novelty_threshold: float,
+                 half_life: float = 20.0) -> None:
+        if short_term_size < 0 or long_term_capacity < 0:
+            raise ValueError("memory sizes must be >= 0")
+        if half_life <= 0:
+            raise ValueError(f"memory half-life must be > 0, got {half_life}")
+        self.long_term_capacity = long_term_capacity
+        self.novelty_threshold = novelty_threshold
+        self.decay = 0.5 ** (1.0 / half_life)  # CRF factor per elapsed step
+        self.short_term: deque[tuple[int, int]] = deque(maxlen=short_term_size)  # (item, time)
+        self.long_term: list[_Entry] = []
+        self.clock = 0
+
+    def novelty(self, item: int, feature: np.ndarray) -> tuple[float, int | None]:
+        """1 - max cosine to the long-term entries (1 when empty) and the most similar entry's index."""
+        if not self.long_term:
+            return 1.0, None
+        if not feature.any():  # no feature: identity is the only similarity we have
+            same = [i for i, entry in enumerate(self.long_term) if entry.item == item]
+            return (0.0, same[0]) if same else (1.0, None)
+        stored = np.stack([entry.feature for entry in self.long_term])  # (n, D)
+        cosine = stored @ feature  # (n,) features are unit vectors or zero
+        for i, entry in enumerate(self.long_term):
+            if entry.item == item:  # the same item is never novel, even without a stored feature
+                cosine[i] = 1.0
+        best = int(np.argmax(cosine))
+        return 1.0 - float(cosine[best]), best
+
+    def write(self, item: int, feature: np.ndarray, time: int | None = None) -> bool:
+        """Append ``item`` to the short-term tier; return True when it was written to long-term."""
+        now = self.clock if time is None else time
+        self.clock = now + 1
+        self.short_term.append((item, now))
+        if self.long_term_capacity == 0:
+            return False
+        novelty, nearest = self.novelty(item, feature)
+        if novelty <= self.novelty_threshold:  # not novel enough (a stored item never is): an access
+            self._access(self.long_term[nearest], now)
+            return False
+        if len(self.long_term) >= self.long_term_capacity:
+            self.long_term.pop(self._least_valuable(now))
+        self.long_term.append(_Entry(item, feature, written_at=now, last_access=now, crf=1.0))
+        return True
+
+    def _access(self, entry: _Entry, now: int) -> None:
+        entry.crf = 1.0 + entry.crf * self.decay ** (now - entry.last_access)
+        entry.last_access = now
+
+    def _least_valuable(self, now: int) -> int:
+        """Index of the entry with the lowest CRF now; ties go to the least recently accessed."""
+        values = [(entry.crf * self.decay ** (now - entry.last_access), entry.last_access)
+                  for entry in self.long_term]
+        return min(range(len(values)), key=values.__getitem__)
+
+    def read(self) -> list[tuple[int, int, int]]:
+        """(item, time, tier) entries: short-term newest first (each item once), then long-term."""
+        entries, seen = [], set()
+        for item, time in reversed(self.short_term):
+            if item not in seen:
+                seen.add(item)
+                entries.append((item, time, SHORT_TERM))
+        entries += [(entry.item, entry.written_at, LONG_TERM) for entry in self.long_term]
+        return entries
+
+
+@dataclass
+class UserMemory:
+    """Every user's memory as padded tensors (M = short_term_size + long_term_capacity)."""
+
+    items: torch.Tensor  # (n_users, M) item ids, 0 = empty slot
+    mask: torch.Tensor  # (n_users, M) bool, True = a real entry
+    time: torch.Tensor  # (n_users, M) train position at which the entry was written
+    tier: torch.Tensor  # (n_users, M) SHORT_TERM or LONG_TERM
+
+
+def build_memory(train_sequences: list[np.ndarray], item_features: np.ndarray, short_term_size: int,
+                 long_term_capacity: int, novelty_threshold: float, half_life: float = 20.0) -> UserMemory:
+    """Write every user's train sequence, in order, into a :class:`LocalMemory` and pad the result.
+
+    ``item_features``: (n_items + 1, D) from :func:`combined_item_features`.
+    """
+    n_users = len(train_sequences)
+    M = short_term_size + long_term_capacity
+    items = np.zeros((n_users, M), dtype=np.int64)
+    time = np.zeros((n_users, M), dtype=np.int64)
+    tier = np.zeros((n_users, M), dtype=np.int64)
+    mask = np.zeros((n_users, M), dtype=bool)
+    for user, sequence in enumerate(train_sequences):
+        memory = LocalMemory(short_term_size, long_term_capacity, novelty_threshold, half_life)
+        for position, item in enumerate(sequence):
+            memory.write(int(item), item_features[item], position)
+        entries = memory.read()
+        if entries:
+            n = len(entries)
+            items[user, :n], time[user, :n], tier[user, :n] = np.array(entries, dtype=np.int64).T
+            mask[user, :n] = True
+    return UserMemory(torch.from_numpy(items), torch.from_numpy(mask), torch.from_numpy(time), torch.from_numpy(tier))
+
+
+def empty_memory(n_users: int) -> UserMemory:
+    """No memory at all (``moe.memory: false``): M = 0."""
+    zeros = torch.zeros(n_users, 0, dtype=torch.int64)
+    return UserMemory(zeros, zeros.bool(), zeros.clone(), zeros.clone())
+
+
+def pair_table(table: torch.Tensor, candidate_index: torch.Tensor | None, memory_index: torch.Tensor) -> torch.Tensor:
+    """(u_c, u_m) table over distinct candidates x distinct entries -> (N, C, M) at every row's slots.
+
+    ``candidate_index`` (N, C) into the distinct candidates, or None when every row shares them
+    (then each row's M columns are copied as contiguous rows of the transposed table);
+    ``memory_index`` (N, M) into the distinct entries.
+    """
+    if candidate_index is None:
+        return table.T.contiguous()[memory_index].transpose(1, 2)  # (N, M, C) -> (N, C, M) view
+    flat = candidate_index[:, :, None] * table.size(1) + memory_index[:, None, :]  # (N, C, M)
+    return table.reshape(-1).take(flat)
+
+
+@dataclass
+class MemoryReads:
+    """The K memory entries each (row, candidate) reads, as indices into the batch's distinct tables."""
+
+    candidate_index: torch.Tensor | None  # (N, C) into the distinct candidates; None = shared by all rows
+    entries: torch.Tensor  # (N, C, K) into the distinct memory entries (u_m,)
+    slots: torch.Tensor  # (N, C, K) position of the entry among the row's M memory slots
+    valid: torch.Tensor  # (N, C, K) bool: a visible, retrieved entry
+    bias: torch.Tensor  # (N, C, K) the entry's memory-tier logit bias
+    novelty: torch.Tensor  # (N, C) 1 - max relevance of the candidate to the visible memory (1 if empty)
+    n_entries: int  # u_m
+
+    def gather(self, table: torch.Tensor) -> torch.Tensor:
+        """(u_c, u_m, T) tables -> (N, C, K, T): every table's value at each read (candidate, entry).
+
+        One row gather for all T tables: each read fetches T adjacent floats.
+        """
+        C = self.entries.size(1)
+        candidates = self.candidate_index if self.candidate_index is not None else \
+            torch.arange(C, device=self.entries.device)[None]  # (N|1, C)
+        flat = candidates[:, :, None] * self.n_entries + self.entries  # (N, C, K) into u_c * u_m
+        T = table.size(-1)
+        return table.reshape(-1, T).index_select(0, flat.reshape(-1)).view(*flat.shape, T)
+
+    def rows(self, values: torch.Tensor) -> torch.Tensor:
+        """(u_c, ...) per distinct candidate -> (N, C, ...), or (1, C, ...) when candidates are shared."""
+        return values[None] if self.candidate_index is None else values[self.candidate_index]
+
+    def select(self, values: torch.Tensor) -> torch.Tensor:
+        """(N, u_c) per row and distinct candidate -> (N, C)."""
+        return values if self.candidate_index is None else values.gather(1, self.candidate_index)
+
+
+def read_entries(relevance: torch.Tensor, visible: torch.Tensor, memory_index: torch.Tensor, slot_bias: torch.Tensor,
+                 top_k: int, candidate_index: torch.Tensor | None, n_entries: int) -> MemoryReads:
+    """Retrieval: for every (row, candidate), the top-K visible entries by relevance.
+
+    relevance (N, C, M), visible (N, M), memory_index (N, M) into the distinct entries,
+    slot_bias (N, M); all visible entries when ``top_k`` is 0 or >= M.
+    """
+    N, C, M = relevance.shape
+    masked = relevance.masked_fill(~visible[:, None, :], float("-inf"))  # (N, C, M)
+    if 0 < top_k < M:
+        values, slots = masked.topk(top_k, dim=-1)  # (N, C, K), largest first
+    else:
+        values, slots = masked, torch.arange(M, device=relevance.device).expand(N, C, M)
+    K = slots.size(-1)
+    flat_slots = slots.reshape(N, C * K)
+    entries = memory_index.gather(1, flat_slots).view(N, C, K)  # (N, C, K)
+    bias = slot_bias.gather(1, flat_slots).view(N, C, K)
+    novelty = torch.ones(N, C, device=relevance.device)
+    if M:
+        novelty = (1.0 - values.float().amax(-1)).clamp(0.0, 1.0)  # no visible entry: 1 - (-inf) -> 1
+    return MemoryReads(candidate_index, entries, slots, values > float("-inf"), bias, novelty, n_entries)
+
+
+class MemoryReader(nn.Module):
+    """The ``memory`` parameter group: the memory tensors (buffers, not weights) and a tier bias.
+
+    ``tier_bias`` is added to the experts' attention logits, so the model learns how much
+    to trust recent (short-term) against novel (long-term) entries; zero at initialisation.
+    """
+
+    def __init__(self, memory: UserMemory) -> None:
+        super().__init__()
+        self.register_buffer("items", memory.items, persistent=False)
+        self.register_buffer("mask", memory.mask, persistent=False)
+        self.register_buffer("time", memory.time, persistent=False)
+        self.register_buffer("tier", memory.tier, persistent=False)
+        self.tier_bias = nn.Parameter(torch.zeros(2))
+
+    @property
+    def size(self) -> int:
+        return self.items.size(1)
+
+    def read(self, users: torch.Tensor, before: torch.Tensor | None = None):
+        """(N,) users, optional (N,) train positions -> items, visible, tier logit bias, each (N, M).
+
+        With ``before``, an entry is visible only if it was written at a position < before.
+        """
+        items = self.items[users]  # (N, M)
+        visible = self.mask[users]
+        if before is not None:
+            visible = visible & (self.time[users] < before[:, None])
+        return items, visible, self.tier_bias[self.tier[users]]

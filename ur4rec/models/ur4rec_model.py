@@ -1,0 +1,355 @@
+"""UR4Rec: SASRec plus a gated, item-centric mixture of multimodal experts (DESIGN section 3).
+
+For a user row with backbone state ``h`` and a candidate item ``c``::
+
+    E_k    = expert k's d-vector for (user, c)              k in visual, semantic, preference, fusion
+    r      = router(e_c, LN(h)), softmax over the experts available for (user, c), 0 for the others
+    z      = LN(h) + g * sum_k r_k E_k                       (g: :class:`~ur4rec.models.experts.Gate`)
+    score  = z . e_c                                          (:func:`ur4rec.models.scoring.score`)
+
+``LN(h)`` is the backbone's own final LayerNorm output, i.e. exactly SASRec's user state: with
+every modality missing (or every expert off, or the gate off) no expert is available, ``z`` is
+SASRec's state and the scores are SASRec's.
+
+Because the experts are item-centric, ``z`` depends on the candidate, so scoring always names
+its candidates: (N, C) per row, or (C,) shared by every row (full ranking uses chunks of all
+items; see :meth:`UR4Rec.score_all`). ``z`` itself is never built for every pair: by
+linearity ``z . e_c = LN(h) . e_c + g sum_k r_k (E_k . e_c)``, and every expert computes
+``E_k . e_c`` from tables over the batch's distinct (candidate, memory item) pairs (see
+:mod:`ur4rec.models.experts`); ``details=True`` also returns the d-vectors E_k, and a test
+checks that the two agree.
+
+Cost of full ranking (B users, V items, M memory slots, K read entries, d): per chunk of c
+items, tables of c x u_m (u_m <= V distinct memory items) at widths 896 (retrieval), Dv and d;
+a top-K over M per (user, item); a gather of B x c x K x (2 + 2 nh) table values; the router's
+B x c x hidden MLP. On ML-100K (943 x 1683, M = 40, K = 10, d = 64) that is about 2.5 s on 2
+CPU threads.
+
+Parameter groups (named modules; Stage-1 weights load by group): ``item_embedding`` and
+``backbone`` (the same names as :class:`~ur4rec.models.sasrec.SASRec`), ``memory``,
+``alignment``, ``experts.visual``, ``experts.semantic``, ``experts.preference``,
+``experts.fusion``, ``router``, ``gate``. Features and memory are non-persistent buffers:
+data, not weights. The model does no I/O; the device comes from its inputs' buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ur4rec.config import Config
+from ur4rec.models.experts import (
+    AlignmentHeads,
+    CrossModalFusion,
+    Gate,
+    PreferenceExpert,
+    Router,
+    SemanticExpert,
+    VisualExpert,
+)
+from ur4rec.models.memory import (
+    MemoryReader,
+    UserMemory,
+    combined_item_features,
+    empty_memory,
+    pair_table,
+    read_entries,
+)
+from ur4rec.models.sasrec import SASRecEncoder, _init_weights
+from ur4rec.models.scoring import score
+
+EXPERTS = ("visual", "semantic", "preference", "fusion")
+PARAMETER_GROUPS = ("item_embedding", "backbone", "memory", "alignment", "experts.visual", "experts.semantic",
+                    "experts.preference", "experts.fusion", "router", "gate")
+
+
+@dataclass
+class UR4RecOutput:
+    scores: torch.Tensor  # (N, C) z . e_c
+    user_states: torch.Tensor  # (N, d) LayerNorm(h), the backbone's state
+    expert_names: tuple[str, ...]  # order of the last axis of router_weights / available
+    router_weights: torch.Tensor  # (N, C, E) exactly 0 where an expert is unavailable
+    available: torch.Tensor  # (N, C, E) bool
+    gate: torch.Tensor  # (1,) the gate value g
+    novelty: torch.Tensor  # (N, C) 1 - max cosine of the candidate to the visible memory (1 if empty)
+    expert_outputs: dict[str, torch.Tensor] | None = None  # name -> (N, C, d) E_k
+    backbone_scores: torch.Tensor | None = None  # (N, C) LayerNorm(h) . e_c
+    expert_scores: dict[str, torch.Tensor] | None = None  # name -> (N, C) g r_k E_k . e_c; sums to scores
+    attentions: list[torch.Tensor] | None = None  # backbone, per block (B, nh, T, T)
+    cross_attentions: dict[str, torch.Tensor] | None = None  # visual (N,C,K), semantic (N,C,K,nh), fusion (N,C,2)
+    memory_slots: torch.Tensor | None = None  # (N, C, K) which of the row's M memory slots each K column is
+    memory_items: torch.Tensor | None = None  # (N, M) the row's memory items
+
+
+@dataclass
+class _Rows:
+    """What one batch of user rows needs, computed once and reused for every candidate chunk."""
+
+    users: torch.Tensor  # (N,)
+    states: torch.Tensor  # (N, d) LayerNorm(h)
+    memory_items: torch.Tensor  # (N, M)
+    visible: torch.Tensor  # (N, M) bool
+    memory_index: torch.Tensor  # (N, M) into the distinct memory items
+    memory_unique: torch.Tensor  # (u_m,) the batch's distinct memory items
+    slot_bias: torch.Tensor  # (N, M) memory tier bias of each slot
+    visual_keys: torch.Tensor | None = None  # (u_m, Dv)
+    visual_values: torch.Tensor | None = None  # (u_m, d)
+    semantic_keys: torch.Tensor | None = None  # (u_m, d)
+    semantic_values: torch.Tensor | None = None  # (u_m, d)
+    preference: torch.Tensor | None = None  # (N, d)
+
+
+class UR4Rec(nn.Module):
+    """SASRec backbone + memory + experts + router + gate. Built from one config, the counts,
+    a FeatureSet-like object (any object with its attributes) and the users' memory."""
+
+    def __init__(self, config: Config, n_items: int, n_users: int, features, memory: UserMemory | None = None) -> None:
+        super().__init__()
+        moe = config.moe
+        unknown = sorted(set(moe.experts) - set(EXPERTS))
+        if unknown:
+            raise ValueError(f"moe.experts: unknown expert {unknown[0]!r}; expected some of {EXPERTS}")
+        self.config = config
+        self.n_items, self.n_users = n_items, n_users
+        self.expert_names = tuple(name for name in EXPERTS if name in moe.experts)
+        d = config.model.hidden_size
+
+        self.item_embedding = nn.Embedding(n_items + 1, d, padding_idx=0)
+        self.backbone = SASRecEncoder(config.model, config.data.max_len)
+        self.item_embedding.apply(_init_weights)
+        self.backbone.apply(_init_weights)
+
+        self._register_features(features, moe.image_dim)
+        if memory is None or not moe.memory:
+            memory = empty_memory(n_users)
+        if memory.items.size(0) != n_users:
+            raise ValueError(f"memory has {memory.items.size(0)} users, the model {n_users}")
+        self.memory = MemoryReader(memory)
+
+        images = self.item_image[self.item_image_mask]  # (rows with an image, Dv): PCA init data
+        texts = self.item_text[self.item_text_mask]
+        Dv, Dt = self.item_image.size(1), self.item_text.size(1)
+        self.alignment = AlignmentHeads(Dv, Dt, d, images, texts)
+        experts = {
+            "visual": lambda: VisualExpert(Dv, d),
+            "semantic": lambda: SemanticExpert(Dt, d, moe.semantic_heads, texts),
+            "preference": lambda: PreferenceExpert(d),
+            "fusion": lambda: CrossModalFusion(Dv, Dt, d, images, texts),
+        }
+        self.experts = nn.ModuleDict({name: experts[name]() for name in self.expert_names})
+        if self.expert_names:
+            self.router = Router(d, moe.router_hidden, len(self.expert_names))
+        self.gate = Gate(moe.gate, moe.gate_init, moe.gate_gradient)
+        self.gate.register_gated([self.experts, self.memory] + ([self.router] if self.expert_names else []))
+
+    def _register_features(self, features, image_dim: int) -> None:
+        V, U = self.n_items + 1, self.n_users
+        text_mask = np.asarray(features.item_text_mask, dtype=bool)
+        _check_shape("item_text", features.item_text, V)
+        _check_shape("item_text_mask", text_mask, V)
+        _check_shape("user_text", features.user_text, U)
+        _check_shape("user_text_mask", features.user_text_mask, U)
+        if features.item_image is None:
+            image = np.zeros((V, image_dim), dtype=np.float32)
+            image_mask = np.zeros(V, dtype=bool)
+        else:
+            image, image_mask = features.item_image, np.asarray(features.item_image_mask, dtype=bool)
+            _check_shape("item_image", image, V)
+            _check_shape("item_image_mask", image_mask, V)
+        buffers = {
+            "item_text": _unit_rows(features.item_text, text_mask),
+            "item_text_mask": text_mask,
+            "item_image": _unit_rows(image, image_mask),
+            "item_image_mask": image_mask,
+            "user_text": _unit_rows(features.user_text, features.user_text_mask),
+            "user_text_mask": np.asarray(features.user_text_mask, dtype=bool),
+            "item_content": combined_item_features(features),  # retrieval relevance: cosine on text ++ image
+            "item_content_mask": text_mask | image_mask,
+        }
+        for name, array in buffers.items():
+            self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(array)), persistent=False)
+
+    # ------------------------------------------------------------------ backbone and memory
+
+    def encode(self, input_ids: torch.Tensor, need_weights: bool = False):
+        """(B, T) left-padded ids -> states (B, T, d) (= SASRec's), backbone attention maps or None."""
+        return self.backbone(self.item_embedding(input_ids), input_ids > 0, need_weights)
+
+    def item_vectors(self) -> torch.Tensor:
+        """(n_items + 1, d) the item representations every score is taken against."""
+        return self.item_embedding.weight
+
+    def read_memory(self, users: torch.Tensor, states: torch.Tensor, before: torch.Tensor | None = None) -> _Rows:
+        """Project every memory-side key/value once for (N,) users with (N, d) states.
+
+        ``before`` (N,): train position of each row's target; entries written at or after it
+        are invisible (training); None = the whole memory (evaluation).
+        """
+        items, visible, slot_bias = self.memory.read(users, before)  # (N, M) each
+        unique, index = torch.unique(items, return_inverse=True)  # (u_m,), (N, M)
+        rows = _Rows(users, states, items, visible, index, unique, slot_bias)
+        if "visual" in self.experts:
+            images = self.item_image[unique]  # (u_m, Dv)
+            rows.visual_keys = self.experts["visual"].key(images)  # (u_m, Dv)
+            rows.visual_values = self.alignment.visual(images)  # (u_m, d)
+        if "semantic" in self.experts:
+            texts = self.item_text[unique]  # (u_m, Dt)
+            rows.semantic_keys = self.experts["semantic"].key(texts)  # (u_m, d)
+            rows.semantic_values = self.alignment.text(texts)  # (u_m, d)
+        if "preference" in self.experts:
+            rows.preference = self.experts["preference"](self.alignment.text(self.user_text[users]))  # (N, d)
+        return rows
+
+    @torch.no_grad()
+    def _relevance(self, candidates: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """(u_c,), (u_m,) items -> (u_c, u_m) cosine on content features, on ID embeddings for
+        pairs where either item has no content feature."""
+        content = self.item_content[candidates] @ self.item_content[memory].T  # (u_c, u_m)
+        both = self.item_content_mask[candidates][:, None] & self.item_content_mask[memory][None]
+        if bool(both.all()):
+            return content
+        unit = F.normalize(self.item_embedding.weight, dim=-1)
+        return torch.where(both, content, unit[candidates] @ unit[memory].T)
+
+    # ------------------------------------------------------------------ scoring
+
+    def score_rows(self, rows: _Rows, candidates: torch.Tensor, details: bool = False,
+                   need_weights: bool = False) -> UR4RecOutput:
+        """Score (N, C) candidates per row, or (C,) candidates shared by every row.
+
+        ``score(z, e_c) = score(LN(h), e_c) + gate(sum_k r_k score(E_k, e_c))``: the dot product
+        of z = LN(h) + g sum_k r_k E_k with the candidate, split along z's terms because E_k is
+        per candidate; each expert evaluates score(E_k, e_c) through its linear read-out.
+        """
+        N, d = rows.states.shape
+        if candidates.dim() == 1:
+            unique, candidate_index = candidates, None  # shared: the "distinct" table is the list itself
+        else:
+            unique, candidate_index = torch.unique(candidates, return_inverse=True)  # (u_c,), (N, C)
+        e = self.item_embedding(unique)  # (u_c, d)
+        relevance = pair_table(self._relevance(unique, rows.memory_unique), candidate_index, rows.memory_index)
+        reads = read_entries(relevance, rows.visible, rows.memory_index, rows.slot_bias,
+                             self.config.moe.retrieval_top_k, candidate_index, rows.memory_unique.size(0))
+        C = reads.entries.size(1)
+        has_image = reads.rows(self.item_image_mask[unique])  # (N|1, C)
+        has_text = reads.rows(self.item_text_mask[unique])
+        # what each read entry holds: 1 = image, 2 = text
+        entry_modality = (self.item_image_mask.long() + 2 * self.item_text_mask.long())[rows.memory_unique][reads.entries]
+
+        expert_scores, available, maps, extra = {}, [], {}, {}
+        tables = []  # every memory expert's (u_c, u_m, t) tables, gathered in one pass below
+        if "visual" in self.experts:
+            tables.append(self.experts["visual"].tables(self.item_image[unique], e, rows.visual_keys,
+                                                        rows.visual_values))
+        if "semantic" in self.experts:
+            tables.append(self.experts["semantic"].tables(e, rows.semantic_keys, rows.semantic_values))
+        columns = reads.gather(torch.cat(tables, -1)) if tables else None  # (N, C, K, T)
+        if "visual" in self.experts:
+            mask = reads.valid & (entry_modality % 2 == 1)  # (N, C, K) entries with an image
+            expert_scores["visual"], maps["visual"] = self.experts["visual"](
+                columns[..., :2], reads.bias, mask, e, reads)
+            available.append(has_image & mask.any(-1))
+            columns = columns[..., 2:]
+        if "semantic" in self.experts:
+            mask = reads.valid & (entry_modality >= 2)  # (N, C, K) entries with a text
+            expert_scores["semantic"], maps["semantic"] = self.experts["semantic"](
+                columns, reads.bias, mask, e, reads)
+            available.append(mask.any(-1))
+        if "preference" in self.experts:
+            expert_scores["preference"] = reads.select(score(rows.preference, e))  # (N, u_c) -> (N, C)
+            available.append(self.user_text_mask[rows.users][:, None])
+        if "fusion" in self.experts:
+            images, texts = self.item_image[unique], self.item_text[unique]  # (u_c, Dv), (u_c, Dt)
+            extra["fusion_values"] = torch.stack([self.alignment.visual(images), self.alignment.text(texts)])
+            tokens = torch.stack([has_image, has_text], -1)  # (N|1, C, 2)
+            expert_scores["fusion"], maps["fusion"] = self.experts["fusion"](
+                rows.states, images, texts, extra["fusion_values"], e, reads, tokens)
+            available.append(tokens.any(-1))
+
+        backbone_scores = score(rows.states, e) if candidate_index is None else \
+            score(rows.states, e[candidate_index])  # (N, C) exactly SASRec's score
+        if self.expert_names:
+            available = torch.stack([a.expand(N, C) for a in available], -1)  # (N, C, E)
+            weights, _ = self.router(e, rows.states, reads, available)  # (N, C, E)
+            residual = sum(weights[..., k] * expert_scores[name] for k, name in enumerate(self.expert_names))
+            scores = backbone_scores + self.gate(residual)  # (N, C)
+        else:
+            available = torch.zeros(N, C, 0, dtype=torch.bool, device=e.device)
+            weights = available.float()
+            scores = backbone_scores
+
+        out = UR4RecOutput(scores, rows.states, self.expert_names, weights, available, self.gate.value, reads.novelty)
+        if details:
+            g = self.gate.value.detach()
+            out.backbone_scores = backbone_scores
+            out.expert_scores = {name: g * weights[..., k] * expert_scores[name]
+                                 for k, name in enumerate(self.expert_names)}
+            out.expert_outputs = self._expert_outputs(rows, reads, e, maps, extra)
+        if need_weights:
+            out.cross_attentions = maps
+            out.memory_slots = reads.slots
+            out.memory_items = rows.memory_items
+        return out
+
+    def _expert_outputs(self, rows: _Rows, reads, e, maps, extra) -> dict[str, torch.Tensor]:
+        """Each expert's d-vector E_k (N, C, d): what the scores above are the dot products of."""
+        N, d = rows.states.shape
+        C = reads.entries.size(1)
+        outputs = {}
+        if "visual" in self.experts:
+            outputs["visual"] = self.experts["visual"].outputs(maps["visual"], rows.visual_values, reads)
+        if "semantic" in self.experts:
+            outputs["semantic"] = self.experts["semantic"].outputs(maps["semantic"], reads.rows(e),
+                                                                   rows.semantic_values, reads)
+        if "preference" in self.experts:
+            outputs["preference"] = rows.preference[:, None].expand(N, C, d)
+        if "fusion" in self.experts:
+            outputs["fusion"] = self.experts["fusion"].outputs(maps["fusion"], extra["fusion_values"], reads)
+        return {name: value.expand(N, C, d) for name, value in outputs.items()}
+
+    def forward(self, users: torch.Tensor, input_ids: torch.Tensor, candidates: torch.Tensor,
+                before: torch.Tensor | None = None, need_weights: bool = False, details: bool = True) -> UR4RecOutput:
+        """(B,) users, (B, T) left-padded histories, (B, C) or (C,) candidates -> output for the
+        next item after each history (the last position). ``before`` (B,): see :meth:`read_memory`."""
+        states, attentions = self.encode(input_ids, need_weights)
+        out = self.score_rows(self.read_memory(users, states[:, -1], before), candidates, details, need_weights)
+        out.attentions = attentions
+        return out
+
+    def score_candidates(self, users: torch.Tensor, input_ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(B,) users, (B, T) histories, (B, C) candidates -> (B, C) scores."""
+        return self(users, input_ids, candidates, details=False).scores
+
+    def score_all(self, users: torch.Tensor, input_ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """(B,) users, (B, T) histories -> (B, n_items + 1) scores, computed ``chunk_size`` items at a time.
+
+        The backbone and the memory-side projections run once; each chunk adds candidate-side
+        projections of its items, the (chunk, u_m) tables and (B, chunk, K) attention, so memory
+        stays bounded by the chunk size.
+        """
+        chunk_size = chunk_size or self.config.moe.eval_chunk_size
+        states, _ = self.encode(input_ids)
+        rows = self.read_memory(users, states[:, -1])
+        items = torch.arange(self.n_items + 1, device=input_ids.device)
+        return torch.cat([self.score_rows(rows, items[start : start + chunk_size]).scores
+                          for start in range(0, len(items), chunk_size)], dim=1)
+
+    def parameter_groups(self) -> dict[str, nn.Module]:
+        """Group name -> module, for the groups this model has (a disabled expert has none)."""
+        modules = dict(self.named_modules())
+        return {name: modules[name] for name in PARAMETER_GROUPS if name in modules}
+
+
+def _check_shape(name: str, array, rows: int) -> None:
+    if array is None or len(array) != rows:
+        raise ValueError(f"features.{name}: expected {rows} rows, got {None if array is None else len(array)}")
+
+
+def _unit_rows(array, mask) -> np.ndarray:
+    """Rows L2-normalised, zero where the mask is False."""
+    array = np.asarray(array, dtype=np.float32) * np.asarray(mask, dtype=bool)[:, None]
+    return array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)

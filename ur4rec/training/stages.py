@@ -1,0 +1,570 @@
+"""Declarative training stages and the Stage-2/3 trainer (DESIGN section 4).
+
+A :class:`StageSpec` names the parameter groups a stage trains, freezes, and must load from
+the previous stage's checkpoint. Groups are named modules of :class:`~ur4rec.models.ur4rec_model.UR4Rec`
+(``item_embedding``, ``backbone``, ``experts.visual``, ...), never substrings of keys: the
+prototype loaded "keys containing 'sasrec'", missed the item embedding, and froze it random.
+
+* Stage 1: plain SASRec (``item_embedding`` + ``backbone``), :func:`ur4rec.training.trainer.train_stage1`.
+* Stage 2: backbone and item embedding frozen (loaded from Stage 1); the experts and the
+  alignment heads learn, with the recommendation loss plus the InfoNCE alignment loss.
+* Stage 3: router, gate, experts, alignment and memory train, the backbone is fine-tuned
+  (``moe.backbone_lr_scale``), the item embedding stays frozen; everything loads from
+  Stage 2. Without a valid Stage-2 checkpoint Stage 3 refuses to start unless
+  ``skip_stage2=True``; then it loads Stage 1's groups only (the adapters keep their
+  feature-preserving initialisation) and ``checkpoint.json`` records ``"skipped": ["stage2"]``.
+
+:func:`load_stage_weights` loads group by group, strictly within each group (every key of
+the group present in both, same shapes), reports missing/unexpected keys per group and
+raises when a required group did not load. No ``strict=False``.
+
+:func:`train_stage` writes ``RUN/stageN/`` like Stage 1 does (model.safetensors,
+checkpoint.json, log.jsonl, metrics.json, test_ranks.csv) plus ``internals/`` for the app.
+Training rows are every target position of the Stage-1 windows (``moe.train_candidates:
+sampled``) or each window's newest target (``in_batch``, ``full``); a row may only read
+memory entries written before its target's position.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from ur4rec.config import Config
+from ur4rec.data.dataset import SequenceDataset
+from ur4rec.evaluation.evaluate import build_eval_inputs, evaluate, sample_negatives
+from ur4rec.models.losses import (
+    UncertaintyWeighting,
+    alignment_loss,
+    combine_losses,
+    load_balancing_loss,
+    recommendation_loss,
+    surprise_weights,
+)
+from ur4rec.models.losses import sample_negatives as sample_training_negatives
+from ur4rec.models.memory import UserMemory, build_memory, combined_item_features, empty_memory
+from ur4rec.models.ur4rec_model import EXPERTS, UR4Rec
+from ur4rec.rundir import append_log, stage_dir, write_json, write_test_ranks
+from ur4rec.training.checkpoint import CheckpointError, read_checkpoint_info, save_checkpoint
+from ur4rec.training.trainer import (
+    NonFiniteLossError,
+    StageResult,
+    autocast,
+    length_bucketed_batches,
+    set_threads,
+    train_stage1,
+    training_windows,
+)
+
+EXPERT_GROUPS = tuple(f"experts.{name}" for name in EXPERTS)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    train: tuple[str, ...]  # groups with requires_grad
+    freeze: tuple[str, ...]  # groups without
+    load: tuple[str, ...] = ()  # groups that must load from the previous stage's checkpoint
+    previous: int | None = None  # the stage whose checkpoint ``load`` reads
+
+
+STAGES = {
+    1: StageSpec("stage1", train=("item_embedding", "backbone"),
+                 freeze=("memory", "alignment", *EXPERT_GROUPS, "router", "gate")),
+    2: StageSpec("stage2", train=(*EXPERT_GROUPS, "alignment"),
+                 freeze=("item_embedding", "backbone", "memory", "router", "gate"),
+                 load=("item_embedding", "backbone"), previous=1),
+    3: StageSpec("stage3", train=("backbone", *EXPERT_GROUPS, "alignment", "memory", "router", "gate"),
+                 freeze=("item_embedding",),
+                 load=("item_embedding", "backbone", "memory", "alignment", *EXPERT_GROUPS, "router", "gate"),
+                 previous=2),
+}
+
+
+def stage_spec(stage: int, skip_stage2: bool = False) -> StageSpec:
+    """The spec of ``stage``; Stage 3 with ``skip_stage2`` loads Stage 1's groups from Stage 1."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage}")
+    spec = STAGES[stage]
+    if stage == 3 and skip_stage2:
+        return StageSpec(spec.name, spec.train, spec.freeze, load=("item_embedding", "backbone"), previous=1)
+    return spec
+
+
+class StageLoadError(CheckpointError):
+    """A required parameter group did not load from the previous stage's checkpoint."""
+
+
+class StageOrderError(CheckpointError):
+    """A stage started without the valid previous-stage checkpoint it needs."""
+
+
+# --------------------------------------------------------------------------- groups and loading
+
+
+def group_of(key: str, groups) -> str | None:
+    """The group (a module name) that owns parameter/state key ``key``: the longest matching prefix."""
+    owners = [group for group in groups if key.startswith(group + ".")]
+    return max(owners, key=len) if owners else None
+
+
+def apply_stage(model: UR4Rec, spec: StageSpec) -> dict[str, list[torch.nn.Parameter]]:
+    """Set requires_grad per group; return the trainable parameters by group.
+
+    Every parameter must belong to a group the spec trains or freezes.
+    """
+    groups = model.parameter_groups()
+    trainable: dict[str, list[torch.nn.Parameter]] = {name: [] for name in spec.train if name in groups}
+    for key, parameter in model.named_parameters():
+        group = group_of(key, groups)
+        if group is None or (group not in spec.train and group not in spec.freeze):
+            raise ValueError(f"{spec.name}: parameter {key!r} is in no trained or frozen group")
+        parameter.requires_grad_(group in spec.train)
+        if group in spec.train:
+            trainable[group].append(parameter)
+    return {name: params for name, params in trainable.items() if params}
+
+
+@dataclass
+class LoadReport:
+    loaded: dict[str, int] = field(default_factory=dict)  # group -> tensors loaded
+    missing: dict[str, list[str]] = field(default_factory=dict)  # group -> keys the checkpoint lacks
+    unexpected: dict[str, list[str]] = field(default_factory=dict)  # group -> keys the model lacks
+    mismatched: dict[str, list[str]] = field(default_factory=dict)  # group -> keys with another shape
+    not_loaded: list[str] = field(default_factory=list)  # checkpoint keys outside the required groups
+
+    def as_dict(self) -> dict:
+        return {"loaded": self.loaded, "missing": self.missing, "unexpected": self.unexpected,
+                "mismatched": self.mismatched, "not_loaded": self.not_loaded}
+
+
+def load_stage_weights(model: UR4Rec, previous_stage_dir: Path, spec: StageSpec) -> LoadReport:
+    """Load ``spec.load`` groups from ``previous_stage_dir/model.safetensors``, strictly per group.
+
+    Raises :class:`StageLoadError` naming every missing, unexpected or reshaped key when a
+    required group does not load completely (nothing is loaded then).
+    """
+    path = Path(previous_stage_dir) / "model.safetensors"
+    if not path.exists():
+        raise StageLoadError(f"{spec.name}: {path} is missing")
+    saved = load_file(str(path))
+    state = model.state_dict()
+    groups = model.parameter_groups()
+    required = [group for group in spec.load if group in groups]
+    report = LoadReport()
+    for group in required:
+        expected = {key for key in state if group_of(key, groups) == group}
+        present = {key for key in saved if group_of(key, groups) == group}
+        report.missing[group] = sorted(expected - present)
+        report.unexpected[group] = sorted(present - expected)
+        report.mismatched[group] = sorted(key for key in expected & present if saved[key].shape != state[key].shape)
+        report.loaded[group] = len(expected & present) - len(report.mismatched[group])
+    report.not_loaded = sorted(key for key in saved if group_of(key, groups) not in required)
+    # A group that holds no weights in this model (e.g. the gate when moe.gate=none) has nothing to load.
+    failed = [group for group in required if report.missing[group] or report.unexpected[group]
+              or report.mismatched[group] or (report.loaded[group] == 0 and any(
+                  group_of(key, groups) == group for key in state))]
+    if failed:
+        details = "; ".join(f"{group}: missing {report.missing[group]}, unexpected {report.unexpected[group]}, "
+                            f"shape mismatch {report.mismatched[group]}" for group in failed)
+        raise StageLoadError(f"{spec.name}: required group(s) {failed} did not load from {path} ({details})")
+    with torch.no_grad():
+        for key in state:
+            if group_of(key, groups) in required:
+                state[key].copy_(saved[key])  # state_dict tensors share storage with the model
+    return report
+
+
+def check_previous_stage(run_dir: Path, spec: StageSpec, fingerprint: str, skip_stage2: bool = False) -> Path:
+    """The previous stage's directory, once its checkpoint is known to be valid for this data."""
+    previous = stage_dir(run_dir, spec.previous)
+    hint = ""
+    if spec.name == "stage3" and not skip_stage2:
+        hint = (" Train stage 2 first, or pass skip_stage2=True to start stage 3 from stage 1 "
+                "(the skip is recorded in checkpoint.json).")
+    try:
+        info = read_checkpoint_info(previous)
+    except CheckpointError as error:
+        raise StageOrderError(f"{spec.name} needs a valid stage-{spec.previous} checkpoint: {error}.{hint}") from error
+    problem = None
+    if info.get("stage") != spec.previous:
+        problem = f"its checkpoint.json says stage {info.get('stage')}"
+    elif info.get("data_fingerprint") != fingerprint:
+        problem = f"it was trained on data {info.get('data_fingerprint')}, not {fingerprint}"
+    elif not (previous / "model.safetensors").exists():
+        problem = "model.safetensors is missing"
+    if problem:
+        raise StageOrderError(f"{spec.name} needs a valid stage-{spec.previous} checkpoint in {previous}: "
+                              f"{problem}.{hint}")
+    return previous
+
+
+# --------------------------------------------------------------------------- building and rebuilding
+
+
+def build_user_memory(dataset: SequenceDataset, features, config: Config) -> UserMemory:
+    """Every user's memory from the train part only."""
+    moe = config.moe
+    if not moe.memory:
+        return empty_memory(dataset.n_users)
+    sequences = [dataset.train_sequence(user) for user in range(dataset.n_users)]
+    return build_memory(sequences, combined_item_features(features), moe.short_term_size,
+                        moe.long_term_capacity, moe.novelty_threshold, moe.memory_half_life)
+
+
+def build_ur4rec(config: Config, dataset: SequenceDataset, features) -> UR4Rec:
+    return UR4Rec(config, dataset.n_items, dataset.n_users, features, build_user_memory(dataset, features, config))
+
+
+def features_fingerprint(features) -> str:
+    """sha256 of the feature arrays: a checkpoint is only rebuilt with the features it was trained on."""
+    digest = hashlib.sha256()
+    for name in ("item_text", "item_text_mask", "user_text", "user_text_mask", "item_image", "item_image_mask"):
+        array = getattr(features, name)
+        digest.update(name.encode())
+        if array is not None:
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_stage_model(stage_directory: Path, features, dataset: SequenceDataset) -> tuple[UR4Rec, dict]:
+    """Rebuild a Stage-2/3 model from checkpoint.json (config, n_items, n_users) + features + the
+    dataset's train part (memory), and load its weights strictly."""
+    stage_directory = Path(stage_directory)
+    info = read_checkpoint_info(stage_directory)
+    if info.get("data_fingerprint") != dataset.fingerprint:
+        raise CheckpointError(f"{stage_directory} was trained on data {info.get('data_fingerprint')}, "
+                              f"not on {dataset.fingerprint}")
+    if info.get("features_fingerprint") != features_fingerprint(features):
+        raise CheckpointError(f"{stage_directory} was trained with other features "
+                              f"({info.get('features_fingerprint')}, these are {features_fingerprint(features)})")
+    if (info["n_items"], info["n_users"]) != (dataset.n_items, dataset.n_users):
+        raise CheckpointError(f"{stage_directory}: n_items/n_users differ from the dataset")
+    config = Config.from_dict(info["config"], source=str(stage_directory / "checkpoint.json"))
+    model = build_ur4rec(config, dataset, features)
+    weights = stage_directory / "model.safetensors"
+    if not weights.exists():
+        raise CheckpointError(f"{weights} is missing")
+    state = load_file(str(weights))
+    missing, unexpected = sorted(set(model.state_dict()) - set(state)), sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: missing keys {missing}, unexpected keys {unexpected}")
+    model.load_state_dict(state, strict=True)
+    return model, info
+
+
+# --------------------------------------------------------------------------- training
+
+
+def window_positions(dataset: SequenceDataset, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """For the windows of :func:`~ur4rec.training.trainer.training_windows`, in the same order:
+    (W,) user of each window and (W, max_len) train position of each target (0 at padding)."""
+    users, times = [], []
+    for user in range(dataset.n_users):
+        n_targets = len(dataset.train_sequence(user)) - 1
+        for end in range(n_targets, 0, -max_len):
+            start = max(0, end - max_len)
+            row = np.zeros(max_len, dtype=np.int64)
+            row[max_len - (end - start):] = np.arange(start + 1, end + 1)  # target y[i] is train item i + 1
+            users.append(user)
+            times.append(row)
+    return np.array(users, dtype=np.int64), np.stack(times)
+
+
+def _checked_windows(dataset: SequenceDataset, max_len: int):
+    inputs, targets = training_windows(dataset, max_len)
+    users, times = window_positions(dataset, max_len)
+    offsets = np.cumsum([0] + [len(dataset.train_sequence(u)) for u in range(dataset.n_users)])
+    flat = np.concatenate([dataset.train_sequence(u) for u in range(dataset.n_users)])
+    expected = np.where(times > 0, flat[offsets[users][:, None] + times], 0) if len(users) == len(targets) else None
+    if expected is None or not np.array_equal(expected, targets):
+        raise RuntimeError("training_windows changed its layout; update stages.window_positions to match")
+    return inputs, targets, users, times
+
+
+def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=None, train_router: bool = True,
+                    train_backbone: bool = False):
+    """Named losses of one batch of windows: (B, W) inputs x, targets y, target positions t, (B,) users.
+
+    ``recommendation``: softmax cross-entropy of each target against its candidates
+    (``moe.train_candidates``), false negatives masked; ``alignment``: InfoNCE between the
+    targets' multimodal projections and ID embeddings, weighted by 1 + alpha * surprise;
+    ``load_balance`` (when the router trains); ``backbone`` (when the backbone trains): the
+    Stage-1 objective (``train.loss``, a softmax over all items by default) on the backbone's
+    own scores at every target. Without it, fine-tuning the backbone on the sampled
+    multimodal objective alone pulled it away from full ranking (ML-100K: validation
+    NDCG@10 0.114 -> 0.108 after one Stage-3 epoch).
+    """
+    moe = config.moe
+    states, _ = model.encode(x)  # (B, W, d)
+    if moe.train_candidates == "sampled":
+        positions = y > 0  # every target
+    elif moe.train_candidates in ("in_batch", "full"):
+        positions = torch.zeros_like(y, dtype=torch.bool)
+        positions[:, -1] = True  # the newest target of each window: windows end on a real target
+    else:
+        raise ValueError(f"moe.train_candidates must be sampled, in_batch or full, got {moe.train_candidates!r}")
+    targets = y[positions]  # (N,)
+    row_users = users[:, None].expand_as(y)[positions]
+    rows = model.read_memory(row_users, states[positions], before=t[positions])
+    N = targets.size(0)
+    arange = torch.arange(N, device=targets.device)
+    if moe.train_candidates == "sampled":
+        negatives = torch.randint(1, model.n_items + 1, (moe.num_negatives,), generator=generator,
+                                  device=targets.device)  # (K,) shared by the batch
+        candidates = torch.cat([targets[:, None], negatives[None].expand(N, -1)], 1)  # (N, 1 + K)
+        positive = torch.zeros(N, dtype=torch.long, device=targets.device)
+        false_negative = candidates == targets[:, None]
+        false_negative[:, 0] = False
+    elif moe.train_candidates == "in_batch":
+        candidates = targets[None].expand(N, N)  # (N, N)
+        positive = arange
+        false_negative = (candidates == targets[:, None]) & ~torch.eye(N, dtype=torch.bool, device=targets.device)
+    else:
+        candidates = torch.arange(1, model.n_items + 1, device=targets.device)  # (V,) shared
+        positive = targets - 1
+        false_negative = None
+    out = model.score_rows(rows, candidates)
+    logits = out.scores.float()
+    if false_negative is not None:
+        logits = logits.masked_fill(false_negative, torch.finfo(logits.dtype).min)
+    losses = {"recommendation": F.cross_entropy(logits, positive)}
+
+    has_content = model.item_content_mask[targets]
+    if moe.alignment_weight > 0 and bool(has_content.any()):
+        items = targets[has_content]
+        projections = model.alignment(model.item_image[items], model.item_text[items],
+                                      model.item_image_mask[items], model.item_text_mask[items])  # (n, d)
+        surprise = out.novelty[arange, positive][has_content]  # novelty of the target w.r.t. the memory
+        losses["alignment"] = alignment_loss(projections, model.item_embedding(items), items,
+                                             moe.alignment_temperature, surprise_weights(surprise, moe.surprise_alpha))
+    if train_backbone:
+        all_states = states[y > 0]  # (N', d) every target, whatever train_candidates is
+        all_targets = y[y > 0]
+        negatives = None
+        if config.train.loss != "ce":
+            negatives = sample_training_negatives(all_targets, model.n_items, config.train.num_negatives, generator)
+        losses["backbone"] = recommendation_loss(config.train.loss, all_states, all_targets, model.item_vectors(),
+                                                 negatives)
+    if train_router and model.expert_names and moe.load_balance_weight > 0:
+        losses["load_balance"] = load_balancing_loss(out.router_weights[arange, positive], out.available[arange, positive])
+    return losses
+
+
+def _loss_weights(config: Config) -> dict[str, float]:
+    return {"recommendation": 1.0, "alignment": config.moe.alignment_weight,
+            "load_balance": config.moe.load_balance_weight, "backbone": 1.0}
+
+
+def train_multimodal_epoch(model: UR4Rec, optimizer, trainable: dict, windows, config: Config, rng, generator,
+                           epoch: int, uncertainty: UncertaintyWeighting | None = None) -> dict[str, float]:
+    """One epoch over the windows; returns the mean of every named loss term and ``total``."""
+    inputs, targets, users, times = windows
+    model.train()
+    for name, module in model.parameter_groups().items():
+        if name not in trainable:
+            module.eval()  # a frozen backbone keeps its dropout off
+    lengths = (inputs > 0).sum(1)
+    device = config.train.device
+    sums: dict[str, float] = {}
+    count = 0
+    for step, rows in enumerate(length_bucketed_batches(lengths, config.train.batch_size, rng)):
+        width = int(lengths[rows].max())
+        x, y, t = (torch.from_numpy(array[rows, -width:]).to(device) for array in (inputs, targets, times))
+        u = torch.from_numpy(users[rows]).to(device)
+        with autocast(config):
+            losses = training_losses(model, x, y, t, u, config, generator, "router" in trainable,
+                                     "backbone" in trainable)
+            terms = combine_losses(losses, _loss_weights(config), uncertainty)
+        for name, value in terms.items():
+            if not torch.isfinite(value):
+                raise NonFiniteLossError(f"loss term {name!r} is {value.item()} at epoch {epoch}, step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        if config.train.grad_clip > 0:
+            for parameters in trainable.values():  # per group: the straight-through expert gradient
+                torch.nn.utils.clip_grad_norm_(parameters, config.train.grad_clip)  # cannot starve the backbone
+        optimizer.step()
+        n = len(rows)
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.item() * n
+        count += n
+    return {name: value / count for name, value in sums.items()}
+
+
+def _gate_value(model: UR4Rec) -> float:
+    return float(model.gate.value.detach().float().mean())
+
+
+def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Path, stage: int,
+                skip_stage2: bool = False) -> StageResult:
+    """Train ``stage`` (1, 2 or 3) to early stopping and write ``RUN/stageN/`` (see the module docstring)."""
+    if stage == 1:
+        return train_stage1(config, dataset, run_dir)
+    spec = stage_spec(stage, skip_stage2)
+    previous = check_previous_stage(run_dir, spec, dataset.fingerprint, skip_stage2)
+    set_threads(config)
+    torch.manual_seed(config.train.seed)
+    rng = np.random.default_rng(config.train.seed)
+    device = config.train.device
+    generator = torch.Generator(device=device).manual_seed(config.train.seed)
+    out = stage_dir(run_dir, stage)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.jsonl"
+    log_path.unlink(missing_ok=True)
+
+    model = build_ur4rec(config, dataset, features)
+    report = load_stage_weights(model, previous, spec)
+    model.to(device)
+    trainable = apply_stage(model, spec)
+    uncertainty = None
+    if config.moe.loss_weighting == "uncertainty":
+        uncertainty = UncertaintyWeighting(list(_loss_weights(config))).to(device)
+    elif config.moe.loss_weighting != "fixed":
+        raise ValueError(f"moe.loss_weighting must be fixed or uncertainty, got {config.moe.loss_weighting!r}")
+    lr = config.train.learning_rate
+    param_groups = [{"params": params, "lr": lr * (config.moe.backbone_lr_scale if name == "backbone" else 1.0)}
+                    for name, params in trainable.items()]
+    if uncertainty is not None:
+        param_groups.append({"params": list(uncertainty.parameters()), "lr": lr})
+    optimizer = torch.optim.AdamW(param_groups, lr=lr, weight_decay=config.train.weight_decay)
+
+    windows = _checked_windows(dataset, config.data.max_len)
+    negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
+    valid_inputs = build_eval_inputs(dataset, "valid", config.data.max_len, negatives)
+    skipped = ["stage2"] if stage == 3 and skip_stage2 else []
+    base_info = {
+        "stage": stage, "config": config.to_dict(), "data_fingerprint": dataset.fingerprint,
+        "features_fingerprint": features_fingerprint(features), "n_items": dataset.n_items,
+        "n_users": dataset.n_users, "loaded_from": {"stage": spec.previous, "groups": list(report.loaded)},
+        "load_report": report.as_dict(), "skipped": skipped,
+    }
+    gate_history = [{"epoch": 0, "gate": _gate_value(model)}]
+    epochs = config.moe.stage_epochs or config.train.epochs
+    best_value, best_epoch, waited, epoch_seconds = -1.0, 0, 0, []
+    start_all = time.perf_counter()
+    bar = tqdm(range(1, epochs + 1), desc=spec.name, unit="epoch", disable=not config.train.progress)
+    for epoch in bar:
+        start = time.perf_counter()
+        losses = train_multimodal_epoch(model, optimizer, trainable, windows, config, rng, generator, epoch, uncertainty)
+        epoch_seconds.append(time.perf_counter() - start)
+        gate_history.append({"epoch": epoch, "gate": _gate_value(model)})
+        record = {"epoch": epoch, "seconds": round(epoch_seconds[-1], 4), "train_loss": losses["total"],
+                  "losses": {k: v for k, v in losses.items() if k != "total"}, "gate": gate_history[-1]["gate"],
+                  "lr": max(group["lr"] for group in optimizer.param_groups)}
+        if uncertainty is not None:
+            record["log_variances"] = {k: float(v) for k, v in uncertainty.log_variances.items()}
+        if epoch % config.train.eval_every == 0 or epoch == epochs:
+            valid = evaluate(model, valid_inputs, config.eval, device).metrics
+            record["valid"] = valid
+            value = valid["full"][config.eval.select_metric]
+            if value > best_value:
+                best_value, best_epoch, waited = value, epoch, 0
+                save_checkpoint(out, model, {**base_info, "epoch": epoch, "best": {
+                    "metric": f"valid/full/{config.eval.select_metric}", "value": value}})
+            else:
+                waited += 1
+            bar.set_postfix(loss=f"{losses['total']:.4f}", gate=f"{gate_history[-1]['gate']:.4g}",
+                            **{config.eval.select_metric: f"{value:.4f}"})
+        append_log(log_path, record)
+        write_json(out / "internals" / "gate.json", {"gate": gate_history})
+        if waited >= config.train.patience:
+            break
+    total_seconds = time.perf_counter() - start_all
+
+    metrics = evaluate_multimodal_stage(run_dir, dataset, features, config, stage)
+    return StageResult(best_epoch, best_value, len(epoch_seconds), float(np.mean(epoch_seconds)),
+                       total_seconds, metrics)
+
+
+# --------------------------------------------------------------------------- evaluation and internals
+
+
+def evaluate_multimodal_stage(run_dir: Path, dataset: SequenceDataset, features, config: Config, stage: int,
+                              write: bool = True) -> dict:
+    """Reload the stage's best checkpoint, evaluate it on validation and test, write metrics,
+    test ranks and the internals."""
+    out = stage_dir(run_dir, stage)
+    model, _ = load_stage_model(out, features, dataset)
+    device = config.train.device
+    model.to(device)
+    negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
+    metrics, results = {}, {}
+    for split in ("valid", "test"):
+        inputs = build_eval_inputs(dataset, split, config.data.max_len, negatives)
+        results[split] = (inputs, evaluate(model, inputs, config.eval, device))
+        metrics[split] = results[split][1].metrics
+    if write:
+        write_json(out / "metrics.json", metrics)
+        inputs, test = results["test"]
+        write_test_ranks(out / "test_ranks.csv", dataset, test.rank_full, test.rank_sampled)
+        write_internals(out / "internals", model, dataset, inputs, test.rank_full, config)
+    return metrics
+
+
+@torch.no_grad()
+def write_internals(folder: Path, model: UR4Rec, dataset: SequenceDataset, inputs, rank_full: np.ndarray,
+                    config: Config, top: int = 10) -> None:
+    """router_weights.csv and expert_contributions.csv (each test user's target and top-10),
+    attention.npz (backbone and cross-modal maps for a sample of users). gate.json is written
+    during training."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    device = config.train.device
+    names = list(model.expert_names)
+    k = min(top, model.n_items)
+    all_candidates, router_rows, contribution_rows = [], [], []
+    for start in range(0, len(inputs.users), config.eval.batch_size):
+        batch = slice(start, start + config.eval.batch_size)
+        users, histories = inputs.users[batch].to(device), inputs.input_ids[batch].to(device)
+        scores = model.score_all(users, histories).float()  # (B, n_items + 1)
+        excluded = torch.zeros_like(scores, dtype=torch.bool)
+        excluded[:, 0] = True  # as in evaluation: no padding, no seen items
+        if config.eval.exclude_seen:
+            excluded.scatter_(1, inputs.seen[batch].to(device), True)
+        best = scores.masked_fill(excluded, float("-inf")).topk(k, dim=1).indices  # (B, k)
+        candidates = torch.cat([inputs.targets[batch].to(device)[:, None], best], 1)  # (B, 1 + k) target first
+        all_candidates.append(candidates)
+        out = model(users, histories, candidates, details=True)
+        weights = out.router_weights.float().cpu().numpy()  # (B, 1 + k, E)
+        parts = np.stack([out.scores.float().cpu().numpy(), out.backbone_scores.float().cpu().numpy()]
+                         + [out.expert_scores[name].float().cpu().numpy() for name in names], -1)  # (B, 1 + k, 2 + E)
+        for row, user in enumerate(users.tolist()):
+            for column, item in enumerate(candidates[row].tolist()):
+                key = [dataset.user_raw_ids[user], dataset.item_raw_ids[item], "target" if column == 0 else "top",
+                       int(rank_full[user]) if column == 0 else column]
+                router_rows.append(key + [round(float(w), 6) for w in weights[row, column]])
+                contribution_rows.append(key + [round(float(v), 6) for v in parts[row, column]])
+    header = ["user_id", "item_id", "role", "rank"]
+    _write_csv(folder / "router_weights.csv", header + names, router_rows)
+    _write_csv(folder / "expert_contributions.csv", header + ["score", "backbone"] + names, contribution_rows)
+
+    sample = np.random.default_rng(config.train.seed).choice(
+        len(inputs.users), size=min(config.moe.attention_sample_users, len(inputs.users)), replace=False)
+    sample = torch.from_numpy(np.sort(sample))
+    users, histories = inputs.users[sample].to(device), inputs.input_ids[sample].to(device)
+    candidates = torch.cat(all_candidates)[sample.to(device)]  # (S, 1 + k)
+    out = model(users, histories, candidates, need_weights=True, details=False)
+    arrays = {"users": users.cpu().numpy(), "input_ids": histories.cpu().numpy(), "candidates": candidates.cpu().numpy(),
+              "memory_items": out.memory_items.cpu().numpy(), "memory_slots": out.memory_slots.cpu().numpy()}
+    for layer, weights in enumerate(out.attentions):
+        arrays[f"backbone_layer{layer}"] = weights.float().cpu().numpy()  # (S, nh, T, T)
+    for name, weights in out.cross_attentions.items():
+        arrays[f"cross_{name}"] = weights.float().cpu().numpy()  # visual (S,C,K), semantic (S,C,K,nh), fusion (S,C,2)
+    np.savez_compressed(folder / "attention.npz", **arrays)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)

@@ -1,0 +1,103 @@
+"""Stages 1-3 and every ablation on MovieLens-100K over several seeds, mean ± std.
+
+    .venv/bin/python benchmarks/stages_ml100k.py [--seeds 0,1,2] [--only full,skip_stage2,...]
+
+Per seed: Stage 1 (SASRec) to early stopping, then Stages 2-3 of each ablation variant from
+that Stage-1 checkpoint (`ur4rec.training.ablate`), all chosen by validation NDCG@10 only.
+Prints test metrics (full and sampled), epoch time of each stage, and the time of one
+full-ranking evaluation of all users by the Stage-3 model ("full" variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ur4rec.config import Config  # noqa: E402
+from ur4rec.data import load_dataset  # noqa: E402
+from ur4rec.evaluation import build_eval_inputs, evaluate, sample_negatives  # noqa: E402
+from ur4rec.features import build_features  # noqa: E402
+from ur4rec.rundir import prepare_run, stage_dir  # noqa: E402
+from ur4rec.training.ablate import run_ablations  # noqa: E402
+from ur4rec.training.stages import load_stage_model  # noqa: E402
+from ur4rec.training.trainer import train_stage1  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = [("test", "full", "hr@10"), ("test", "full", "ndcg@10"), ("test", "sampled", "hr@10"),
+           ("test", "sampled", "ndcg@10"), ("valid", "full", "ndcg@10")]
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "ml100k.yaml"))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--only", help="comma-separated ablation variants (default: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = Config.load(args.config).override(["train.progress=false", *args.overrides])
+    dataset = load_dataset(base.data)
+    table: dict[str, dict[tuple, list[float]]] = {}
+    seconds: dict[str, list[float]] = {}
+    eval_seconds = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            config = base.override([f"train.seed={seed}"])
+            run_dir = Path(scratch) / f"seed{seed}"
+            prepare_run(run_dir, config, dataset)
+            features = build_features(config, dataset, run_dir, progress=False)
+            stage1 = train_stage1(config, dataset, run_dir)
+            row = table.setdefault("stage 1 (SASRec)", {})
+            for key in COLUMNS:
+                row.setdefault(key, []).append(stage1.metrics[key[0]][key[1]][key[2]])
+            seconds.setdefault("stage 1", []).append(stage1.seconds_per_epoch)
+            rows = run_ablations(config, dataset, features, run_dir, args.only.split(",") if args.only else None)
+            for ablation in rows:
+                name = "stage 3 (UR4Rec)" if ablation["variant"] == "full" else f"  ablation {ablation['variant']}"
+                row = table.setdefault(name, {})
+                for key in COLUMNS:
+                    row.setdefault(key, []).append(ablation[f"{key[0]}_{key[1]}_{key[2]}"])
+                seconds.setdefault(f"stage 3 {ablation['variant']}", []).append(ablation["seconds_per_epoch"])
+                if ablation["variant"] == "full":
+                    full_dir = run_dir / "ablations" / "full"
+                    stage2_log = (stage_dir(full_dir, 2) / "log.jsonl").read_text().splitlines()
+                    seconds.setdefault("stage 2", []).append(
+                        float(np.mean([__import__("json").loads(line)["seconds"] for line in stage2_log])))
+                    model, _ = load_stage_model(stage_dir(full_dir, 3), features, dataset)
+                    negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
+                    inputs = build_eval_inputs(dataset, "test", config.data.max_len, negatives)
+                    start = time.perf_counter()
+                    evaluate(model, inputs, config.eval)
+                    eval_seconds.append(time.perf_counter() - start)
+            print(f"seed {seed} done", flush=True)
+
+    header = "| model | " + " | ".join(f"{split} {protocol} {metric}" for split, protocol, metric in COLUMNS) + " |"
+    print("\n" + header)
+    print("|" + "---|" * (len(COLUMNS) + 1))
+    for name, row in table.items():
+        print(f"| {name.strip()} | " + " | ".join(mean_std(row[key]) for key in COLUMNS) + " |")
+    print("\nseconds per epoch (mean over seeds):")
+    for name, values in seconds.items():
+        print(f"  {name:<28} {np.mean(values):.2f}")
+    if eval_seconds:
+        print(f"full-ranking evaluation of all {dataset.n_users} users, Stage 3: {np.mean(eval_seconds):.2f} s")
+    if "stage 3 (UR4Rec)" in table:
+        ratio = np.mean(table["stage 3 (UR4Rec)"][COLUMNS[1]]) / np.mean(table["stage 1 (SASRec)"][COLUMNS[1]])
+        print(f"Stage 3 / Stage 1 test NDCG@10 (full): {ratio:.3f} (target >= 1.05)")
+
+
+if __name__ == "__main__":
+    main()

@@ -260,6 +260,29 @@ def test_non_finite_loss_stops_and_names_the_term(setup, three_stages, tmp_path,
         train_stage(config, dataset, features, tmp_path, 2)
 
 
+def test_a_stage_never_keeps_a_model_worse_than_the_one_it_loaded(setup, three_stages, tmp_path, monkeypatch):
+    config, dataset, features = setup
+    run, _ = three_stages
+    prepare_run(tmp_path, config, dataset)
+    shutil.copytree(run / "stage1", tmp_path / "stage1")
+    shutil.copytree(run / "stage2", tmp_path / "stage2")
+
+    def harmful_epoch(model, *args, **kwargs):
+        with torch.no_grad():
+            model.gate.value.fill_(1e4)  # the (untrained-for-this) residual swamps the backbone
+            for parameter in model.experts.parameters():
+                parameter.normal_()
+        return {"total": 0.0}
+
+    monkeypatch.setattr(stages, "train_multimodal_epoch", harmful_epoch)
+    train_stage(config, dataset, features, tmp_path, 3)
+    info = json.loads((tmp_path / "stage3/checkpoint.json").read_text())
+    stage2 = json.loads((run / "stage2/checkpoint.json").read_text())
+    assert info["epoch"] == 0 and info["best"]["value"] == pytest.approx(stage2["best"]["value"], abs=1e-9)
+    kept = load_file(str(tmp_path / "stage3/model.safetensors"))
+    assert kept["gate.value"].item() == pytest.approx(config.moe.gate_init)  # Stage 2 leaves the gate alone
+
+
 @pytest.mark.parametrize("mode", ["in_batch", "full"])
 def test_other_training_candidate_modes_and_uncertainty_weighting_train(setup, mode):
     config, dataset, features = setup

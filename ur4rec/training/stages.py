@@ -20,9 +20,11 @@ raises when a required group did not load. No ``strict=False``.
 
 :func:`train_stage` writes ``RUN/stageN/`` like Stage 1 does (model.safetensors,
 checkpoint.json, log.jsonl, metrics.json, test_ranks.csv) plus ``internals/`` for the app.
-Training rows are every target position of the Stage-1 windows (``moe.train_candidates:
-sampled``) or each window's newest target (``in_batch``, ``full``); a row may only read
-memory entries written before its target's position.
+Epoch 0 is the loaded model: its validation metric is the value to beat, and ``checkpoint.json``
+says ``"epoch": 0`` when no epoch beat it. Training rows are every target position of the
+Stage-1 windows (``moe.train_candidates: sampled``) or each window's newest target
+(``in_batch``, ``full``); a row may only read memory entries written before its target's
+position.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from ur4rec.models.losses import (
 )
 from ur4rec.models.losses import sample_negatives as sample_training_negatives
 from ur4rec.models.memory import UserMemory, build_memory, combined_item_features, empty_memory
+from ur4rec.models.scoring import score
 from ur4rec.models.ur4rec_model import EXPERTS, UR4Rec
 from ur4rec.rundir import append_log, stage_dir, write_json, write_test_ranks
 from ur4rec.training.checkpoint import CheckpointError, read_checkpoint_info, save_checkpoint
@@ -59,6 +62,7 @@ from ur4rec.training.trainer import (
     NonFiniteLossError,
     StageResult,
     autocast,
+    learning_rate,
     length_bucketed_batches,
     set_threads,
     train_stage1,
@@ -300,9 +304,12 @@ def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=Non
     targets' multimodal projections and ID embeddings, weighted by 1 + alpha * surprise;
     ``load_balance`` (when the router trains); ``backbone`` (when the backbone trains): the
     Stage-1 objective (``train.loss``, a softmax over all items by default) on the backbone's
-    own scores at every target. Without it, fine-tuning the backbone on the sampled
-    multimodal objective alone pulled it away from full ranking (ML-100K: validation
-    NDCG@10 0.114 -> 0.108 after one Stage-3 epoch).
+    own scores at every target. The sampled ``recommendation`` term then trains the residual
+    (experts, router, gate, and the backbone only through the router and fusion inputs): its
+    gradient to the backbone's own scores is removed, because a softmax over 1 + K uniform
+    candidates is a weaker objective for full ranking than the softmax over all items that
+    trained Stage 1 (Klenitskiy & Vasilev, "Turning Dross Into Gold Loss: is BERT4Rec really
+    better than SASRec?", RecSys 2023).
     """
     moe = config.moe
     states, _ = model.encode(x)  # (B, W, d)
@@ -335,6 +342,9 @@ def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=Non
         false_negative = None
     out = model.score_rows(rows, candidates)
     logits = out.scores.float()
+    if train_backbone:  # the backbone's own scores learn from the "backbone" term only (see the docstring)
+        own = score(rows.states, model.item_embedding(candidates)).float()  # (N, C) or (N, V) LN(h) . e_c
+        logits = logits - own + own.detach()
     if false_negative is not None:
         logits = logits.masked_fill(false_negative, torch.finfo(logits.dtype).min)
     losses = {"recommendation": F.cross_entropy(logits, positive)}
@@ -377,7 +387,8 @@ def train_multimodal_epoch(model: UR4Rec, optimizer, trainable: dict, windows, c
     device = config.train.device
     sums: dict[str, float] = {}
     count = 0
-    for step, rows in enumerate(length_bucketed_batches(lengths, config.train.batch_size, rng)):
+    batches = length_bucketed_batches(lengths, config.train.batch_size, rng)
+    for step, rows in enumerate(batches):
         width = int(lengths[rows].max())
         x, y, t = (torch.from_numpy(array[rows, -width:]).to(device) for array in (inputs, targets, times))
         u = torch.from_numpy(users[rows]).to(device)
@@ -388,6 +399,8 @@ def train_multimodal_epoch(model: UR4Rec, optimizer, trainable: dict, windows, c
         for name, value in terms.items():
             if not torch.isfinite(value):
                 raise NonFiniteLossError(f"loss term {name!r} is {value.item()} at epoch {epoch}, step {step}")
+        for group in optimizer.param_groups:  # the trainer's warm-up/cosine schedule, scaled per group
+            group["lr"] = learning_rate(config, epoch, step, len(batches)) * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         if config.train.grad_clip > 0:
@@ -432,10 +445,10 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
     elif config.moe.loss_weighting != "fixed":
         raise ValueError(f"moe.loss_weighting must be fixed or uncertainty, got {config.moe.loss_weighting!r}")
     lr = config.train.learning_rate
-    param_groups = [{"params": params, "lr": lr * (config.moe.backbone_lr_scale if name == "backbone" else 1.0)}
+    param_groups = [{"params": params, "lr_scale": config.moe.backbone_lr_scale if name == "backbone" else 1.0}
                     for name, params in trainable.items()]
     if uncertainty is not None:
-        param_groups.append({"params": list(uncertainty.parameters()), "lr": lr})
+        param_groups.append({"params": list(uncertainty.parameters()), "lr_scale": 1.0})
     optimizer = torch.optim.AdamW(param_groups, lr=lr, weight_decay=config.train.weight_decay)
 
     windows = _checked_windows(dataset, config.data.max_len)
@@ -450,7 +463,12 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
     }
     gate_history = [{"epoch": 0, "gate": _gate_value(model)}]
     epochs = config.moe.stage_epochs or config.train.epochs
-    best_value, best_epoch, waited, epoch_seconds = -1.0, 0, 0, []
+    # Epoch 0 = the loaded weights: the stage keeps them unless an epoch beats them on validation
+    # (continued training first regresses from a checkpoint picked as a validation maximum).
+    best_value = evaluate(model, valid_inputs, config.eval, device).metrics["full"][config.eval.select_metric]
+    best_epoch, waited, epoch_seconds = 0, 0, []
+    save_checkpoint(out, model, {**base_info, "epoch": 0, "best": {
+        "metric": f"valid/full/{config.eval.select_metric}", "value": best_value}})
     start_all = time.perf_counter()
     bar = tqdm(range(1, epochs + 1), desc=spec.name, unit="epoch", disable=not config.train.progress)
     for epoch in bar:

@@ -23,6 +23,7 @@ from ur4rec.training.stages import (
     group_of,
     load_stage_model,
     load_stage_weights,
+    sampled_candidates,
     stage_spec,
     train_stage,
     training_losses,
@@ -78,6 +79,30 @@ def one_batch(config, dataset):
     rows = np.arange(8)
     return [torch.from_numpy(array[rows]) for array in (windows[0], windows[1], windows[3])] + \
         [torch.from_numpy(windows[2][rows])]
+
+
+def test_sampled_candidates_hard_negatives_are_the_backbones_best_outside_the_window(setup):
+    config, dataset, features = setup
+    model = build_ur4rec(config, dataset, features).eval()
+    V = dataset.n_items
+    states = torch.randn(3, config.model.hidden_size)
+    targets = torch.tensor([5, 6, 7])
+    window = torch.tensor([[1, 2, 5], [6, 6, 6], [0, 7, 3]])
+    candidates, left_out = sampled_candidates(model, states, targets, window, hard=4, uniform=50,
+                                              generator=torch.Generator().manual_seed(0))
+    assert candidates.shape == left_out.shape == (3, 1 + 4 + 50)
+    assert (candidates[:, 0] == targets).all() and not left_out[:, 0].any()
+    own = states @ model.item_vectors().detach().T  # (3, V + 1)
+    for row in range(3):
+        allowed = [i for i in range(1, V + 1) if i not in window[row].tolist()]
+        best = sorted(allowed, key=lambda i: -own[row, i].item())[:4]
+        assert sorted(candidates[row, 1:5].tolist()) == sorted(best)
+    uniform = candidates[:, 5:]
+    assert (left_out[:, 5:] == (uniform == targets[:, None])).all()  # copies of the target leave the softmax
+    # more hard negatives than items outside the window: the surplus is left out, never the target
+    candidates, left_out = sampled_candidates(model, states, targets, torch.arange(1, V + 1).expand(3, -1),
+                                              hard=3, uniform=0)
+    assert left_out[:, 1:].all() and not left_out[:, 0].any()
 
 
 # --------------------------------------------------------------------------- specs and gradients

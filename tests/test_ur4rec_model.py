@@ -19,6 +19,7 @@ from ur4rec.models.memory import LONG_TERM, SHORT_TERM, LocalMemory, build_memor
 from ur4rec.models.sasrec import SASRec
 from ur4rec.models.scoring import score
 from ur4rec.models.ur4rec_model import PARAMETER_GROUPS, UR4Rec
+from ur4rec.training.stages import recent_items
 
 N_ITEMS, N_USERS, T = 30, 12, 8
 
@@ -89,7 +90,7 @@ def test_output_shapes_in_training_candidate_and_full_ranking_modes():
     users, ids = batch()
     B = len(users)
     states, _ = model.encode(ids)
-    rows = model.read_memory(users, states[:, -1])
+    rows = model.read_memory(users, states[:, -1], ids)
     targets = torch.randint(1, N_ITEMS + 1, (B,))
     negatives = torch.randint(1, N_ITEMS + 1, (7,))
     sampled = model.score_rows(rows, torch.cat([targets[:, None], negatives[None].expand(B, -1)], 1))
@@ -169,7 +170,7 @@ def test_values_and_gradients_finite_with_missing_modalities_and_padding_rows(fe
     ids[1] = 0  # an all-padding row
     before = torch.tensor([0, 0, 3, 100, 1])  # rows 0-1 see no memory at all
     states, attentions = model.encode(ids, need_weights=True)
-    rows = model.read_memory(users, states[:, -1], before)
+    rows = model.read_memory(users, states[:, -1], ids, before)
     out = model.score_rows(rows, torch.randint(1, N_ITEMS + 1, (5, 6)), details=True, need_weights=True)
     tensors = [out.scores, out.router_weights, out.novelty, *out.expert_outputs.values(),
                *out.cross_attentions.values(), *attentions]
@@ -261,7 +262,7 @@ def test_gate_straight_through_keeps_expert_gradients_alive_at_a_small_gate():
     assert torch.equal(st["scores"], plain["scores"])  # same forward pass
     assert st["gate.value"].abs() > 0 and torch.allclose(st["gate.value"], plain["gate.value"])  # exact gate gradient
     for name in ("experts.visual.query.weight", "experts.semantic.key.weight", "experts.fusion.out.weight",
-                 "experts.preference.out.weight", "router.out.weight", "memory.tier_bias"):
+                 "experts.preference.out.weight", "router.out.weight", "memory.recency_bias"):
         ratio = st[name].norm() / plain[name].norm()
         assert ratio == pytest.approx(1 / g, rel=1e-3), name  # the naive form shrinks them by g
     assert st["experts.visual.query.weight"].norm() > 1e-4 > plain["experts.visual.query.weight"].norm()
@@ -323,15 +324,33 @@ def test_build_memory_pads_records_time_and_tier():
     assert memory.mask[1].sum() == 2 and memory.items[1][:2].tolist() == [7, 7]  # both tiers
 
 
-def test_training_rows_only_see_memory_written_before_their_target():
-    model = make_model()
+def test_memory_is_read_as_of_each_rows_target():
+    model = make_model()  # short-term W = 4, long-term capacity 6
+    W, reader = model.memory.short_term_size, model.memory
+    assert W == 4 and reader.size == W + reader.items.size(1)
+    long_items, long_mask, times = reader.items[0], reader.mask[0], reader.time[0]
     users = torch.tensor([0, 0, 0])
+    recent = torch.tensor([[0, 0, 0, 0, 0, 9], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 0]])  # newest last
     before = torch.tensor([0, 2, 1000])
-    items, visible, _ = model.memory.read(users, before)
-    times = model.memory.time[0]
-    assert not visible[0].any()
-    assert (visible[1] == (model.memory.mask[0] & (times < 2))).all()
-    assert (visible[2] == model.memory.mask[0]).all()
+    items, visible, bias = reader.read(users, recent, before)
+    # short-term tier = the last W items before the target, from the row's own input
+    assert items[:, :W].tolist() == [[0, 0, 0, 9], [3, 4, 5, 6], [0, 0, 0, 0]]
+    assert visible[:, :W].tolist() == [[False, False, False, True], [True] * 4, [False] * 4]
+    # long-term entries only if written before the target's position
+    assert not visible[0, W:].any()
+    assert (visible[1, W:] == (long_mask & (times < 2))).all()
+    assert (visible[2, W:] == long_mask).all() and (items[2, W:] == long_items).all()
+    with torch.no_grad():
+        reader.recency_bias.copy_(torch.arange(W + 1.0))
+    _, _, bias = reader.read(users, recent)
+    assert bias[0].tolist() == [3, 2, 1, 0] + [W] * reader.items.size(1)  # 0 = the newest item
+
+
+def test_training_rows_read_only_inputs_before_their_target():
+    x = torch.tensor([[0, 0, 7, 8, 9]])  # left-padded window; target y[:, p] follows x[:, p]
+    recent = recent_items(x, 3)
+    assert recent[0].tolist() == [[0, 0, 0], [0, 0, 0], [0, 0, 7], [0, 7, 8], [7, 8, 9]]
+    assert recent_items(x, 0).shape == (1, 5, 0)
 
 
 def test_retrieval_reads_the_top_k_visible_entries():

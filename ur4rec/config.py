@@ -135,7 +135,7 @@ class MoEConfig:
         "semantic, preference, fusion); [] = plain SASRec scoring"
     )
     memory: bool = option(True, "per-user local memory; off = visual and semantic experts have no keys and are masked out")
-    short_term_size: int = option(20, "memory: short-term tier = the last W train items (FIFO)")
+    short_term_size: int = option(20, "memory: short-term tier = the last W items before the target (read from the input)")
     long_term_capacity: int = option(20, "memory: long-term tier capacity (entries)")
     novelty_threshold: float = option(0.3, "memory: write to long-term when 1 - max cosine to stored entries > this")
     memory_half_life: float = option(20.0, "memory: LRFU half-life in steps for the recency-frequency eviction score")
@@ -152,7 +152,15 @@ class MoEConfig:
         "sampled", "stages 2-3 training scores: sampled (every target vs shared negatives), in_batch ([B, B], "
         "newest target per window) or full (all items, newest target per window)"
     )
-    num_negatives: int = option(64, "stages 2-3, sampled: uniform negatives per batch, shared by its targets")
+    num_negatives: int = option(16, "stages 2-3, sampled: uniform negatives per batch, shared by its targets")
+    hard_negatives: int = option(
+        48, "stages 2-3, sampled: per target, the backbone's highest-scored items outside the window (the items "
+        "full ranking must beat) added as negatives"
+    )
+    rows_per_window: int = option(
+        8, "stages 2-3, sampled: target positions per window (drawn at random each epoch) that train the "
+        "experts; 0 = all. Stage 3's backbone term always uses every target"
+    )
     alignment_weight: float = option(0.1, "weight of the InfoNCE alignment loss (fixed weighting)")
     alignment_temperature: float = option(0.07, "InfoNCE temperature (fixed)")
     surprise_alpha: float = option(1.0, "alignment instance weight = 1 + alpha * surprise")

@@ -10,8 +10,10 @@
   frequently used policies", IEEE Trans. Computers 2001), with half-life ``h`` in steps.
   An item with no feature at all is compared by identity: novel unless the same item is stored.
 
-Memory is built from the **train part only** (``dataset.train_sequence(u)``), so nothing of a
-user's validation or test items reaches it. Every entry remembers the train position at which
+The long-term tier is built from the **train part only** (``dataset.train_sequence(u)``), so
+nothing of a user's validation or test items reaches it. The model reads the short-term tier
+from its own input, the last W items before the target (:class:`MemoryReader`), so training
+rows and evaluation rows see the memory as of their target alike. Every entry remembers the train position at which
 it was written (``time``): a training target at position ``j`` may only see entries with
 ``time < j``, so training never reads the future of the sequence it predicts. (Which
 long-term entries survive eviction still depends on the whole train part; that is a
@@ -243,31 +245,54 @@ def read_entries(relevance: torch.Tensor, visible: torch.Tensor, memory_index: t
 
 
 class MemoryReader(nn.Module):
-    """The ``memory`` parameter group: the memory tensors (buffers, not weights) and a tier bias.
+    """The ``memory`` parameter group: the long-term entries (buffers, not weights), the
+    short-term tier read from the model's input, and a learned recency bias.
 
-    ``tier_bias`` is added to the experts' attention logits, so the model learns how much
-    to trust recent (short-term) against novel (long-term) entries; zero at initialisation.
+    What a row reads is the memory *as of its target*: the short-term tier is the last ``W``
+    items of the row's input sequence (the items just before the target, newest last), in
+    training and evaluation alike; long-term entries are those written (novelty-gated, from
+    the train part) before the target's position. Reading the short-term tier from the final
+    train-part memory instead would show evaluation rows the user's latest items but hide them
+    from almost every training row (written after their target), so the experts could never
+    learn to use recency.
+
+    ``recency_bias`` (W + 1) is added to the experts' attention logits: entry ``i`` for the
+    item ``i + 1`` steps before the target, entry ``W`` for every long-term entry; zero at
+    initialisation.
     """
 
-    def __init__(self, memory: UserMemory) -> None:
+    def __init__(self, memory: UserMemory, short_term_size: int) -> None:
         super().__init__()
-        self.register_buffer("items", memory.items, persistent=False)
-        self.register_buffer("mask", memory.mask, persistent=False)
-        self.register_buffer("time", memory.time, persistent=False)
-        self.register_buffer("tier", memory.tier, persistent=False)
-        self.tier_bias = nn.Parameter(torch.zeros(2))
+        long = memory.mask & (memory.tier == LONG_TERM)  # (n_users, M)
+        order = torch.argsort((~long).to(torch.int8), dim=1, stable=True)  # long-term slots first, in order
+        width = int(long.sum(1).max()) if long.numel() else 0
+        order = order[:, :width]
+        self.register_buffer("items", memory.items.gather(1, order) * long.gather(1, order), persistent=False)
+        self.register_buffer("mask", long.gather(1, order), persistent=False)
+        self.register_buffer("time", memory.time.gather(1, order), persistent=False)
+        self.short_term_size = short_term_size
+        self.recency_bias = nn.Parameter(torch.zeros(short_term_size + 1))
 
     @property
     def size(self) -> int:
-        return self.items.size(1)
+        """M = short-term slots + long-term slots."""
+        return self.short_term_size + self.items.size(1)
 
-    def read(self, users: torch.Tensor, before: torch.Tensor | None = None):
-        """(N,) users, optional (N,) train positions -> items, visible, tier logit bias, each (N, M).
+    def read(self, users: torch.Tensor, recent: torch.Tensor, before: torch.Tensor | None = None):
+        """(N,) users, (N, >= W) items before each row's target (newest last, 0 = padding),
+        optional (N,) train positions of the targets -> items, visible, logit bias, each (N, M).
 
-        With ``before``, an entry is visible only if it was written at a position < before.
+        Slots ``0..W-1`` are the short-term tier (oldest first), the rest long-term; with
+        ``before``, a long-term entry is visible only if it was written at a position < before.
         """
-        items = self.items[users]  # (N, M)
-        visible = self.mask[users]
+        W = self.short_term_size
+        short = recent[:, recent.size(1) - W:] if W else recent[:, :0]  # (N, W)
+        if short.size(1) < W:  # a history shorter than W: pad on the left
+            short = torch.nn.functional.pad(short, (W - short.size(1), 0))
+        long_items, long_visible = self.items[users], self.mask[users]  # (N, L)
         if before is not None:
-            visible = visible & (self.time[users] < before[:, None])
-        return items, visible, self.tier_bias[self.tier[users]]
+            long_visible = long_visible & (self.time[users] < before[:, None])
+        items = torch.cat([short, long_items], 1)  # (N, M)
+        visible = torch.cat([short > 0, long_visible], 1)
+        bias = torch.cat([self.recency_bias[:W].flip(0), self.recency_bias[W:].expand(long_items.size(1))])
+        return items, visible, bias.expand(len(users), -1)

@@ -95,7 +95,7 @@ class _Rows:
     visible: torch.Tensor  # (N, M) bool
     memory_index: torch.Tensor  # (N, M) into the distinct memory items
     memory_unique: torch.Tensor  # (u_m,) the batch's distinct memory items
-    slot_bias: torch.Tensor  # (N, M) memory tier bias of each slot
+    slot_bias: torch.Tensor  # (N, M) recency bias of each memory slot
     visual_keys: torch.Tensor | None = None  # (u_m, Dv)
     visual_values: torch.Tensor | None = None  # (u_m, d)
     semantic_keys: torch.Tensor | None = None  # (u_m, d)
@@ -128,7 +128,7 @@ class UR4Rec(nn.Module):
             memory = empty_memory(n_users)
         if memory.items.size(0) != n_users:
             raise ValueError(f"memory has {memory.items.size(0)} users, the model {n_users}")
-        self.memory = MemoryReader(memory)
+        self.memory = MemoryReader(memory, moe.short_term_size if moe.memory else 0)
 
         images = self.item_image[self.item_image_mask]  # (rows with an image, Dv): PCA init data
         texts = self.item_text[self.item_text_mask]
@@ -183,13 +183,15 @@ class UR4Rec(nn.Module):
         """(n_items + 1, d) the item representations every score is taken against."""
         return self.item_embedding.weight
 
-    def read_memory(self, users: torch.Tensor, states: torch.Tensor, before: torch.Tensor | None = None) -> _Rows:
+    def read_memory(self, users: torch.Tensor, states: torch.Tensor, recent: torch.Tensor,
+                    before: torch.Tensor | None = None) -> _Rows:
         """Project every memory-side key/value once for (N,) users with (N, d) states.
 
-        ``before`` (N,): train position of each row's target; entries written at or after it
-        are invisible (training); None = the whole memory (evaluation).
+        ``recent`` (N, >= W): the items just before each row's target, newest last (the
+        short-term tier). ``before`` (N,): train position of each row's target; long-term
+        entries written at or after it are invisible (training); None = all of them (evaluation).
         """
-        items, visible, slot_bias = self.memory.read(users, before)  # (N, M) each
+        items, visible, slot_bias = self.memory.read(users, recent, before)  # (N, M) each
         unique, index = torch.unique(items, return_inverse=True)  # (u_m,), (N, M)
         rows = _Rows(users, states, items, visible, index, unique, slot_bias)
         if "visual" in self.experts:
@@ -316,7 +318,8 @@ class UR4Rec(nn.Module):
         """(B,) users, (B, T) left-padded histories, (B, C) or (C,) candidates -> output for the
         next item after each history (the last position). ``before`` (B,): see :meth:`read_memory`."""
         states, attentions = self.encode(input_ids, need_weights)
-        out = self.score_rows(self.read_memory(users, states[:, -1], before), candidates, details, need_weights)
+        rows = self.read_memory(users, states[:, -1], input_ids, before)
+        out = self.score_rows(rows, candidates, details, need_weights)
         out.attentions = attentions
         return out
 
@@ -333,7 +336,7 @@ class UR4Rec(nn.Module):
         """
         chunk_size = chunk_size or self.config.moe.eval_chunk_size
         states, _ = self.encode(input_ids)
-        rows = self.read_memory(users, states[:, -1])
+        rows = self.read_memory(users, states[:, -1], input_ids)
         items = torch.arange(self.n_items + 1, device=input_ids.device)
         return torch.cat([self.score_rows(rows, items[start : start + chunk_size]).scores
                           for start in range(0, len(items), chunk_size)], dim=1)

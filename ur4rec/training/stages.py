@@ -21,10 +21,12 @@ raises when a required group did not load. No ``strict=False``.
 :func:`train_stage` writes ``RUN/stageN/`` like Stage 1 does (model.safetensors,
 checkpoint.json, log.jsonl, metrics.json, test_ranks.csv) plus ``internals/`` for the app.
 Epoch 0 is the loaded model: its validation metric is the value to beat, and ``checkpoint.json``
-says ``"epoch": 0`` when no epoch beat it. Training rows are every target position of the
-Stage-1 windows (``moe.train_candidates: sampled``) or each window's newest target
-(``in_batch``, ``full``); a row may only read memory entries written before its target's
-position.
+says ``"epoch": 0`` when no epoch beat it. Training rows are ``moe.rows_per_window`` target
+positions of each Stage-1 window, drawn at random each epoch, scored against the target, the
+backbone's hardest items and shared uniform negatives (``moe.train_candidates: sampled``,
+:func:`sampled_candidates`), or each window's newest target (``in_batch``, ``full``). A row
+reads the memory as of its target: the items just before it (short-term) and long-term
+entries written before its position.
 """
 
 from __future__ import annotations
@@ -295,6 +297,38 @@ def _checked_windows(dataset: SequenceDataset, max_len: int):
     return inputs, targets, users, times
 
 
+def recent_items(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, T) left-padded inputs -> (B, T, size): at position p, the ``size`` inputs up to and
+    including p (oldest first, 0 = padding), i.e. the items just before the target y[:, p]."""
+    return F.pad(x, (size - 1, 0)).unfold(1, size, 1) if size else x[:, :, None][:, :, :0]
+
+
+def sampled_candidates(model: UR4Rec, states: torch.Tensor, targets: torch.Tensor, window: torch.Tensor,
+                       hard: int, uniform: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, d) states, (N,) targets, (N, L) items of each row's window -> candidates (N, 1 + H + K)
+    (the target first) and a (N, 1 + H + K) mask of candidates to leave out of the softmax.
+
+    Hard negatives: the ``hard`` items the backbone scores highest that are not in the row's
+    window (its history, its future and the target), i.e. the items full ranking must beat.
+    Uniform: ``uniform`` items shared by the batch; copies of the target are left out.
+    """
+    N = targets.size(0)
+    candidates, left_out = [targets[:, None]], [torch.zeros(N, 1, dtype=torch.bool, device=targets.device)]
+    if hard > 0:
+        with torch.no_grad():
+            own = score(states, model.item_vectors()).float()  # (N, V + 1) the backbone's scores
+            own[:, 0] = float("-inf")
+            own.scatter_(1, window, float("-inf"))
+            values, items = own.topk(min(hard, model.n_items), dim=1)  # (N, H)
+        candidates.append(items)
+        left_out.append(values == float("-inf"))  # fewer items outside the window than H
+    if uniform > 0:
+        negatives = torch.randint(1, model.n_items + 1, (uniform,), generator=generator, device=targets.device)
+        candidates.append(negatives[None].expand(N, -1))
+        left_out.append(negatives[None] == targets[:, None])
+    return torch.cat(candidates, 1), torch.cat(left_out, 1)
+
+
 def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=None, train_router: bool = True,
                     train_backbone: bool = False):
     """Named losses of one batch of windows: (B, W) inputs x, targets y, target positions t, (B,) users.
@@ -314,24 +348,27 @@ def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=Non
     moe = config.moe
     states, _ = model.encode(x)  # (B, W, d)
     if moe.train_candidates == "sampled":
-        positions = y > 0  # every target
+        positions = y > 0  # every target, or rows_per_window of them drawn at random
+        if 0 < moe.rows_per_window < y.size(1):
+            draw = torch.rand(y.shape, generator=generator, device=y.device).masked_fill(~positions, -1.0)
+            keep = draw.topk(moe.rows_per_window, dim=1).indices  # (B, R)
+            positions = torch.zeros_like(positions).scatter_(1, keep, True) & positions
     elif moe.train_candidates in ("in_batch", "full"):
         positions = torch.zeros_like(y, dtype=torch.bool)
         positions[:, -1] = True  # the newest target of each window: windows end on a real target
     else:
         raise ValueError(f"moe.train_candidates must be sampled, in_batch or full, got {moe.train_candidates!r}")
     targets = y[positions]  # (N,)
-    row_users = users[:, None].expand_as(y)[positions]
-    rows = model.read_memory(row_users, states[positions], before=t[positions])
+    row_batch = torch.arange(len(y), device=y.device)[:, None].expand_as(y)[positions]  # (N,) window of each row
+    recent = recent_items(x, model.memory.short_term_size)[positions]  # (N, W) the items just before each target
+    rows = model.read_memory(users[row_batch], states[positions], recent, before=t[positions])
     N = targets.size(0)
     arange = torch.arange(N, device=targets.device)
     if moe.train_candidates == "sampled":
-        negatives = torch.randint(1, model.n_items + 1, (moe.num_negatives,), generator=generator,
-                                  device=targets.device)  # (K,) shared by the batch
-        candidates = torch.cat([targets[:, None], negatives[None].expand(N, -1)], 1)  # (N, 1 + K)
+        window = torch.cat([x, y], 1)[row_batch]  # (N, 2W) each row's window: history, future, target
+        candidates, false_negative = sampled_candidates(model, rows.states, targets, window, moe.hard_negatives,
+                                                        moe.num_negatives, generator)
         positive = torch.zeros(N, dtype=torch.long, device=targets.device)
-        false_negative = candidates == targets[:, None]
-        false_negative[:, 0] = False
     elif moe.train_candidates == "in_batch":
         candidates = targets[None].expand(N, N)  # (N, N)
         positive = arange

@@ -11,6 +11,7 @@ full-ranking evaluation of all users by the Stage-3 model ("full" variant).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -73,9 +74,13 @@ def main() -> None:
                 seconds.setdefault(f"stage 3 {ablation['variant']}", []).append(ablation["seconds_per_epoch"])
                 if ablation["variant"] == "full":
                     full_dir = run_dir / "ablations" / "full"
+                    stage2 = json.loads((stage_dir(full_dir, 2) / "metrics.json").read_text())
+                    row = table.setdefault("stage 2", {})
+                    for key in COLUMNS:
+                        row.setdefault(key, []).append(stage2[key[0]][key[1]][key[2]])
                     stage2_log = (stage_dir(full_dir, 2) / "log.jsonl").read_text().splitlines()
                     seconds.setdefault("stage 2", []).append(
-                        float(np.mean([__import__("json").loads(line)["seconds"] for line in stage2_log])))
+                        float(np.mean([json.loads(line)["seconds"] for line in stage2_log])))
                     model, _ = load_stage_model(stage_dir(full_dir, 3), features, dataset)
                     negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
                     inputs = build_eval_inputs(dataset, "test", config.data.max_len, negatives)
@@ -83,7 +88,11 @@ def main() -> None:
                     evaluate(model, inputs, config.eval)
                     eval_seconds.append(time.perf_counter() - start)
             print(f"seed {seed} done", flush=True)
+            print_table(table, seconds, eval_seconds, dataset.n_users)
 
+
+def print_table(table, seconds, eval_seconds, n_users) -> None:
+    """The table so far (printed after every seed, so a long run is useful before it ends)."""
     header = "| model | " + " | ".join(f"{split} {protocol} {metric}" for split, protocol, metric in COLUMNS) + " |"
     print("\n" + header)
     print("|" + "---|" * (len(COLUMNS) + 1))
@@ -93,10 +102,10 @@ def main() -> None:
     for name, values in seconds.items():
         print(f"  {name:<28} {np.mean(values):.2f}")
     if eval_seconds:
-        print(f"full-ranking evaluation of all {dataset.n_users} users, Stage 3: {np.mean(eval_seconds):.2f} s")
+        print(f"full-ranking evaluation of all {n_users} users, Stage 3: {np.mean(eval_seconds):.2f} s")
     if "stage 3 (UR4Rec)" in table:
         ratio = np.mean(table["stage 3 (UR4Rec)"][COLUMNS[1]]) / np.mean(table["stage 1 (SASRec)"][COLUMNS[1]])
-        print(f"Stage 3 / Stage 1 test NDCG@10 (full): {ratio:.3f} (target >= 1.05)")
+        print(f"Stage 3 / Stage 1 test NDCG@10 (full): {ratio:.3f} (target >= 1.05)", flush=True)
 
 
 if __name__ == "__main__":

@@ -135,7 +135,8 @@ def test_feature_store_reuses_sets_and_force_rebuilds(smoke_config, synthetic, t
     assert manifest["text"]["path"].startswith(str(tmp_path / "cache" / "features" / synthetic.fingerprint))
     assert set(manifest["text"]) >= {"encoder", "dim", "coverage", "created", "fingerprint"}
     # Another precision gives other numbers: a set of its own, encoded anew.
-    build_text_features(smoke_config.override(["features.precision=fp32"]), synthetic, tmp_path / "a", progress=False)
+    other = "fp32" if semantic.check_precision(smoke_config.features.precision) == "bf16" else "bf16"
+    build_text_features(smoke_config.override([f"features.precision={other}"]), synthetic, tmp_path / "a", progress=False)
     assert CountingEncoder.calls == 6
 
 

@@ -154,3 +154,4 @@ def test_cli_stages_and_ablations(tmp_path, capsys, monkeypatch):
     assert rows[0].startswith("variant,") and [r.split(",")[0] for r in rows[1:]] == ["gate_off", "skip_stage2"]
     info = json.loads((run_dir / "ablations/skip_stage2/stage3/checkpoint.json").read_text())
     assert info["skipped"] == ["stage2"]
+

@@ -70,7 +70,7 @@ class TrainConfig:
     seed: int = option(42, "one seed for split-independent randomness: init, batches, negatives")
     threads: int = option(0, "torch CPU threads (0 = torch's default)")
     device: str = option("cpu", "torch device, e.g. cpu or cuda")
-    precision: str = option("bf16", "training autocast: bf16 (fast on CPUs with bf16 support) or fp32; evaluation is fp32")
+    precision: str = option("auto", "training autocast: auto (bf16 where the hardware has it, else fp32), bf16 or fp32; evaluation is fp32")
     progress: bool = option(True, "show tqdm progress bars")
 
 
@@ -124,7 +124,8 @@ class FeatureConfig:
     batch_size: int = option(64, "texts or images per encoder batch")
     device: str = option("cpu", "torch device for the encoders, e.g. cpu or cuda")
     precision: str = option(
-        "bf16", "encoder autocast: bf16 (about 2x faster on CPUs with bf16 support; cosine to fp32 > 0.9999) or fp32"
+        "auto", "encoder autocast: auto (bf16 where the hardware has it, else fp32), bf16 (about 2x faster on CPUs "
+        "with bf16 support; cosine to fp32 > 0.9999) or fp32"
     )
 
 

@@ -71,7 +71,7 @@ def build_text_features(
     item_inputs = semantic.item_text_inputs(dataset, texts.items)  # (n_items,)
     user_inputs = [user_texts.get(str(raw_id)) for raw_id in dataset.user_raw_ids]  # (n_users,) or None
     resolved = semantic.resolve_text_model(config.features.text_model)
-    precision = semantic.check_precision(config.features.precision)
+    precision = semantic.check_precision(config.features.precision, config.features.device)
     digest = inputs_hash([resolved.identity, precision, item_inputs, user_inputs])
     folder = store_folder(dataset.fingerprint, "text", Path(resolved.identity).name, digest)
     manifest = read_manifest(folder)
@@ -130,7 +130,7 @@ def build_image_features(
     images = visual.find_images(Path(config.features.image_folder), raw_ids)
     model, pretrained = config.features.image_model, config.features.image_pretrained
     identity = f"{model}/{visual.pretrained_identity(pretrained)}"
-    precision = semantic.check_precision(config.features.precision)
+    precision = semantic.check_precision(config.features.precision, config.features.device)
     files = sorted((raw_id, path.name, path.stat().st_size, path.stat().st_mtime_ns) for raw_id, path in images.items())
     digest = inputs_hash([identity, precision, str(Path(config.features.image_folder).expanduser().resolve()), files])
     label = f"{model}-{Path(pretrained).name if pretrained else 'random'}"

@@ -7,7 +7,8 @@ unusable fails at once (see hub.py). sentence_transformers is imported only when
 loaded: the import takes seconds and ``ur4rec --help`` must stay fast.
 
 Embeddings are L2-normalised float32, so a dot product is a cosine. With ``precision=bf16``
-the model runs under bf16 autocast: about twice as fast on a CPU with bf16 support, and each
+the model runs under bf16 autocast (``auto``, the default, picks it where the hardware has bf16;
+see ``ur4rec/precision.py``): about twice as fast on a CPU with bf16 support, and each
 embedding's cosine to its fp32 counterpart is above 0.9999 (measured on ML-100K texts).
 """
 
@@ -27,7 +28,6 @@ from ur4rec.text.prompts import describe_item
 
 BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BUNDLED_NAMES = ("all-MiniLM-L6-v2", BUNDLED_MODEL)
-PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -76,19 +76,18 @@ def load_text_encoder(name: str, device: str = "cpu", batch_size: int = 64, prec
     return TextEncoder(_load_model(resolved, device), resolved.identity, batch_size, precision)
 
 
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"features.precision must be bf16 or fp32, got {precision!r}")
-    return precision
+def check_precision(precision: str, device: str = "cpu") -> str:
+    """``features.precision`` (auto, bf16 or fp32) -> bf16 or fp32 on ``device``."""
+    from ur4rec.precision import resolve_precision  # imports torch: not at ``ur4rec --help`` time
+
+    return resolve_precision(precision, device, "features.precision")
 
 
 def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on ``device``, or nothing for fp32."""
-    import torch
+    from ur4rec.precision import autocast as precision_autocast
 
-    if precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return precision_autocast(precision, device)
 
 
 @functools.lru_cache(maxsize=2)

@@ -47,7 +47,7 @@ class ImageEncoder:
         self.preprocess = preprocess
         self.identity = identity
         self.device = device
-        self.precision = check_precision(precision)
+        self.precision = check_precision(precision, device)
         self.dim = int(model.visual.output_dim)
 
     def encode(self, images: list) -> np.ndarray:

@@ -13,7 +13,6 @@ naming the loss term, epoch and step, and that best checkpoint stays.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from ur4rec.data.dataset import SequenceDataset
 from ur4rec.evaluation.evaluate import EvalInputs, build_eval_inputs, evaluate, sample_negatives
 from ur4rec.models.losses import LOSSES, recommendation_loss
 from ur4rec.models.losses import sample_negatives as sample_training_negatives
+from ur4rec.precision import autocast as precision_autocast
+from ur4rec.precision import resolve_precision
 from ur4rec.rundir import append_log, stage_dir, write_json, write_test_ranks
 from ur4rec.training.checkpoint import build_model, load_model, save_checkpoint
 
@@ -79,11 +80,9 @@ def set_threads(config: Config) -> None:
 
 
 def autocast(config: Config):
-    if config.train.precision == "bf16":
-        return torch.autocast(device_type=torch.device(config.train.device).type, dtype=torch.bfloat16)
-    if config.train.precision != "fp32":
-        raise ValueError(f"train.precision must be bf16 or fp32, got {config.train.precision!r}")
-    return contextlib.nullcontext()
+    """Training autocast: ``train.precision`` on ``train.device`` (see :mod:`ur4rec.precision`)."""
+    resolve_precision(config.train.precision, config.train.device, "train.precision")
+    return precision_autocast(config.train.precision, config.train.device)
 
 
 def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -> float:

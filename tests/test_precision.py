@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from ur4rec.config import Config
+from ur4rec.precision import native_bf16, resolve_precision
+from ur4rec.training.trainer import autocast
+
+
+def test_auto_picks_bf16_only_where_the_hardware_has_it(monkeypatch):
+    assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16"
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_training_autocast_follows_the_resolved_precision(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with autocast(Config()):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast(Config().override(["train.precision=bf16"])):
+        assert torch.is_autocast_enabled("cpu")
+
+
+def test_unknown_precision_names_the_field():
+    with pytest.raises(ValueError, match="train.precision"):
+        autocast(Config().override(["train.precision=fp16"]))

@@ -198,11 +198,14 @@ def test_memory_is_built_from_the_train_part_only(setup):
     leaks = 0
     for user in range(dataset.n_users):
         train = set(dataset.train_sequence(user).tolist())
-        stored = set(memory.items[user][memory.mask[user]].tolist())
+        rows = memory.items[memory.offsets[user]:memory.offsets[user + 1]]  # every snapshot of the user
+        assert len(rows) == len(train_sequence := dataset.train_sequence(user)) + 1
+        stored = set(rows[rows > 0].tolist())
         assert stored <= train, user
         held_out = set(dataset.sequences[user][-2:].tolist()) - train
         leaks += len(stored & held_out)
-        assert (memory.time[user][memory.mask[user]] < len(dataset.train_sequence(user))).all()  # train positions
+        for position in range(len(train_sequence) + 1):  # nothing from the target's position on
+            assert set(memory.snapshot(user, position)) <= set(train_sequence[:position].tolist())
     assert leaks == 0
 
 

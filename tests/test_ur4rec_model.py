@@ -15,7 +15,7 @@ from ur4rec.models.losses import (
     load_balancing_loss,
     surprise_weights,
 )
-from ur4rec.models.memory import LONG_TERM, SHORT_TERM, LocalMemory, build_memory, combined_item_features, read_entries
+from ur4rec.models.memory import LocalMemory, build_memory, combined_item_features, read_entries
 from ur4rec.models.sasrec import SASRec
 from ur4rec.models.scoring import score
 from ur4rec.models.ur4rec_model import PARAMETER_GROUPS, UR4Rec
@@ -63,8 +63,8 @@ def make_model(features=None, *overrides, sequences=None, seed=0):
     config = make_config(*overrides)
     features = features if features is not None else make_features()
     sequences = sequences if sequences is not None else make_sequences()
-    memory = build_memory(sequences, combined_item_features(features), config.moe.short_term_size,
-                          config.moe.long_term_capacity, config.moe.novelty_threshold)
+    memory = build_memory(sequences, combined_item_features(features), config.moe.long_term_capacity,
+                          config.moe.novelty_threshold)
     torch.manual_seed(seed)
     model = UR4Rec(config, N_ITEMS, N_USERS, features, memory)
     with torch.no_grad():  # trained-looking embeddings and a non-trivial router
@@ -222,7 +222,7 @@ def test_parameter_groups_and_sasrec_names():
     # features and memory are data, not weights
     assert not any(k.startswith(("item_text", "item_image", "user_text", "item_content", "memory.items"))
                    for k in model.state_dict())
-    assert "item_text" in dict(model.named_buffers()) and "memory.items" in dict(model.named_buffers())
+    assert "item_text" in dict(model.named_buffers()) and "memory.snapshots" in dict(model.named_buffers())
 
 
 def test_width_changing_adapters_preserve_feature_geometry():
@@ -311,39 +311,66 @@ def test_memory_capacity_and_eviction_by_recency_and_frequency():
     assert sorted(e.item for e in memory.long_term) == [3, 4]
 
 
-def test_build_memory_pads_records_time_and_tier():
+def test_build_memory_keeps_the_long_term_tier_as_of_every_position():
     features = make_features()
     sequences = [np.array([1, 2, 3, 1, 4, 5]), np.array([7])]
-    memory = build_memory(sequences, combined_item_features(features), 3, 4, 0.5)
-    assert memory.items.shape == (2, 7)
-    short = memory.tier[0][memory.mask[0]] == SHORT_TERM
-    assert memory.items[0][memory.mask[0]][short].tolist() == [5, 4, 1]  # newest first
-    assert memory.time[0][memory.mask[0]][short].tolist() == [5, 4, 3]  # train positions
-    long = memory.items[0][memory.mask[0] & (memory.tier[0] == LONG_TERM)]
-    assert long.tolist() == [1, 3, 4, 5]  # full at item 5: item 2 (one old access) evicted; 1 is not written twice
-    assert memory.mask[1].sum() == 2 and memory.items[1][:2].tolist() == [7, 7]  # both tiers
+    memory = build_memory(sequences, combined_item_features(features), 4, 0.5)
+    assert memory.items.shape == (6 + 1 + 1 + 1, 4) and memory.offsets.tolist() == [0, 7, 9]
+    assert [memory.snapshot(0, p) for p in range(7)] == [[], [1], [1, 2], [1, 2, 3], [1, 2, 3], [1, 2, 3, 4],
+                                                        [1, 3, 4, 5]]  # full at 5: 2 (one old access) evicted
+    assert memory.snapshot(0) == [1, 3, 4, 5] and memory.snapshot(0, 100) == [1, 3, 4, 5]
+    assert memory.snapshot(1, 0) == [] and memory.snapshot(1) == [7]
+
+
+def test_a_snapshot_depends_only_on_the_items_before_its_position():
+    """The memory a training target reads must not depend on the target or anything after it:
+    the end-of-train memory filtered by write time fails this (later accesses decide which
+    early entries survive eviction)."""
+    features = make_features()
+    content = combined_item_features(features)
+    rng = np.random.default_rng(0)
+    sequence = rng.integers(1, N_ITEMS + 1, 60)
+    full = build_memory([sequence], content, 3, 0.2, half_life=5.0)
+    differs = 0
+    for position in range(len(sequence) + 1):
+        prefix = build_memory([sequence[:position]], content, 3, 0.2, half_life=5.0)
+        assert full.snapshot(0, position) == prefix.snapshot(0), position
+        end_filtered = [item for item, written in _final_entries(sequence, content) if written < position]
+        differs += end_filtered != full.snapshot(0, position)
+    assert differs > 0  # the case this test guards: filtering the final memory is not a snapshot
+
+
+def _final_entries(sequence, content):
+    memory = LocalMemory(0, 3, 0.2, half_life=5.0)
+    for position, item in enumerate(sequence):
+        memory.write(int(item), content[item], position)
+    return [(entry.item, entry.written_at) for entry in memory.long_term]
 
 
 def test_memory_is_read_as_of_each_rows_target():
     model = make_model()  # short-term W = 4, long-term capacity 6
     W, reader = model.memory.short_term_size, model.memory
-    assert W == 4 and reader.size == W + reader.items.size(1)
-    long_items, long_mask, times = reader.items[0], reader.mask[0], reader.time[0]
-    users = torch.tensor([0, 0, 0])
-    recent = torch.tensor([[0, 0, 0, 0, 0, 9], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 0]])  # newest last
-    before = torch.tensor([0, 2, 1000])
+    assert W == 4 and reader.size == W + 6
+    sequence = make_sequences()[0]
+    snapshot = build_memory([sequence], combined_item_features(make_features()), 6,
+                            model.config.moe.novelty_threshold).snapshot
+    users = torch.tensor([0, 0, 0, 0])
+    recent = torch.tensor([[0, 0, 0, 0, 0, 9], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    before = torch.tensor([0, 2, len(sequence) - 1, 1000])
     items, visible, bias = reader.read(users, recent, before)
     # short-term tier = the last W items before the target, from the row's own input
-    assert items[:, :W].tolist() == [[0, 0, 0, 9], [3, 4, 5, 6], [0, 0, 0, 0]]
-    assert visible[:, :W].tolist() == [[False, False, False, True], [True] * 4, [False] * 4]
-    # long-term entries only if written before the target's position
-    assert not visible[0, W:].any()
-    assert (visible[1, W:] == (long_mask & (times < 2))).all()
-    assert (visible[2, W:] == long_mask).all() and (items[2, W:] == long_items).all()
+    assert items[:, :W].tolist() == [[0, 0, 0, 9], [3, 4, 5, 6], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert visible[:, :W].tolist() == [[False, False, False, True], [True] * 4, [False] * 4, [False] * 4]
+    # long-term tier = the snapshot just before the target's train position
+    for row, position in enumerate([0, 2, len(sequence) - 1, None]):
+        assert items[row, W:][visible[row, W:]].tolist() == snapshot(0, position), row
+    assert (visible[:, W:] == (items[:, W:] > 0)).all()
+    evaluation, visible_eval, _ = reader.read(users[:1], recent[:1])
+    assert evaluation[0, W:][visible_eval[0, W:]].tolist() == snapshot(0)
     with torch.no_grad():
         reader.recency_bias.copy_(torch.arange(W + 1.0))
     _, _, bias = reader.read(users, recent)
-    assert bias[0].tolist() == [3, 2, 1, 0] + [W] * reader.items.size(1)  # 0 = the newest item
+    assert bias[0].tolist() == [3, 2, 1, 0] + [W] * 6  # 0 = the newest item
 
 
 def test_training_rows_read_only_inputs_before_their_target():

@@ -11,16 +11,17 @@
   An item with no feature at all is compared by identity: novel unless the same item is stored.
 
 The long-term tier is built from the **train part only** (``dataset.train_sequence(u)``), so
-nothing of a user's validation or test items reaches it. The model reads the short-term tier
-from its own input, the last W items before the target (:class:`MemoryReader`), so training
-rows and evaluation rows see the memory as of their target alike. Every entry remembers the train position at which
-it was written (``time``): a training target at position ``j`` may only see entries with
-``time < j``, so training never reads the future of the sequence it predicts. (Which
-long-term entries survive eviction still depends on the whole train part; that is a
-property of the memory's bookkeeping, not of any item the target could be copied from.)
+nothing of a user's validation or test items reaches it. Every row reads the memory **as of its
+target**: the short-term tier from its own input, the last W items before the target
+(:class:`MemoryReader`), and the long-term tier from a snapshot taken just before the target's
+train position. A snapshot depends only on the items before that position. Filtering the
+end-of-train memory by write time instead is not the same: which early entries survive
+eviction depends on later accesses, the training target's own among them, so training rows
+would see entries picked for their similarity to the target, and nearly empty long-term
+tiers besides, while evaluation rows see a full, unbiased one.
 
-:func:`build_memory` is the pure function that turns every user's train sequence into padded
-tensors; :class:`LocalMemory` holds one user's memory with write/read semantics;
+:func:`build_memory` is the pure function that turns every user's train sequence into the
+padded long-term snapshots at every train position; :class:`LocalMemory` holds one user's memory with write/read semantics;
 :func:`read_entries` retrieves, for each (user, candidate item), the top-K visible entries most
 relevant to the candidate (cosine on the content features; the model falls back to ID
 embeddings for items without any); :class:`MemoryReader` is the model's ``memory`` group:
@@ -137,42 +138,50 @@ class LocalMemory:
 
 @dataclass
 class UserMemory:
-    """Every user's memory as padded tensors (M = short_term_size + long_term_capacity)."""
+    """Every user's long-term tier at every train position (L = ``long_term_capacity``).
 
-    items: torch.Tensor  # (n_users, M) item ids, 0 = empty slot
-    mask: torch.Tensor  # (n_users, M) bool, True = a real entry
-    time: torch.Tensor  # (n_users, M) train position at which the entry was written
-    tier: torch.Tensor  # (n_users, M) SHORT_TERM or LONG_TERM
+    Row ``offsets[u] + p`` holds user ``u``'s long-term entries after writing train items
+    ``0..p-1``, i.e. the memory a target at train position ``p`` may read; row
+    ``offsets[u + 1] - 1`` is the memory after the whole train part (evaluation).
+    """
+
+    items: torch.Tensor  # (P, L) item ids of the long-term entries, 0 = empty slot; P = sum(len_u + 1)
+    offsets: torch.Tensor  # (n_users + 1,) first row of each user's snapshots
+
+    @property
+    def n_users(self) -> int:
+        return self.offsets.numel() - 1
+
+    def snapshot(self, user: int, position: int | None = None) -> list[int]:
+        """User ``user``'s long-term items as of train position ``position`` (None = after the train part)."""
+        start, stop = int(self.offsets[user]), int(self.offsets[user + 1])
+        row = stop - 1 if position is None else start + min(position, stop - 1 - start)
+        return [item for item in self.items[row].tolist() if item]
 
 
-def build_memory(train_sequences: list[np.ndarray], item_features: np.ndarray, short_term_size: int,
-                 long_term_capacity: int, novelty_threshold: float, half_life: float = 20.0) -> UserMemory:
-    """Write every user's train sequence, in order, into a :class:`LocalMemory` and pad the result.
+def build_memory(train_sequences: list[np.ndarray], item_features: np.ndarray, long_term_capacity: int,
+                 novelty_threshold: float, half_life: float = 20.0) -> UserMemory:
+    """Write every user's train sequence, in order, into a :class:`LocalMemory`, keeping the
+    long-term tier as of every position (see :class:`UserMemory`).
 
     ``item_features``: (n_items + 1, D) from :func:`combined_item_features`.
     """
-    n_users = len(train_sequences)
-    M = short_term_size + long_term_capacity
-    items = np.zeros((n_users, M), dtype=np.int64)
-    time = np.zeros((n_users, M), dtype=np.int64)
-    tier = np.zeros((n_users, M), dtype=np.int64)
-    mask = np.zeros((n_users, M), dtype=bool)
+    lengths = np.array([len(sequence) for sequence in train_sequences], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths + 1)])
+    items = np.zeros((int(offsets[-1]), long_term_capacity), dtype=np.int64)
     for user, sequence in enumerate(train_sequences):
-        memory = LocalMemory(short_term_size, long_term_capacity, novelty_threshold, half_life)
+        memory = LocalMemory(0, long_term_capacity, novelty_threshold, half_life)
+        row = offsets[user]
         for position, item in enumerate(sequence):
             memory.write(int(item), item_features[item], position)
-        entries = memory.read()
-        if entries:
-            n = len(entries)
-            items[user, :n], time[user, :n], tier[user, :n] = np.array(entries, dtype=np.int64).T
-            mask[user, :n] = True
-    return UserMemory(torch.from_numpy(items), torch.from_numpy(mask), torch.from_numpy(time), torch.from_numpy(tier))
+            entries = [entry.item for entry in memory.long_term]
+            items[row + position + 1, :len(entries)] = entries
+    return UserMemory(torch.from_numpy(items), torch.from_numpy(offsets))
 
 
 def empty_memory(n_users: int) -> UserMemory:
-    """No memory at all (``moe.memory: false``): M = 0."""
-    zeros = torch.zeros(n_users, 0, dtype=torch.int64)
-    return UserMemory(zeros, zeros.bool(), zeros.clone(), zeros.clone())
+    """No long-term memory at all (``moe.memory: false``): L = 0."""
+    return UserMemory(torch.zeros(n_users, 0, dtype=torch.int64), torch.arange(n_users + 1))
 
 
 def pair_table(table: torch.Tensor, candidate_index: torch.Tensor | None, memory_index: torch.Tensor) -> torch.Tensor:
@@ -245,13 +254,13 @@ def read_entries(relevance: torch.Tensor, visible: torch.Tensor, memory_index: t
 
 
 class MemoryReader(nn.Module):
-    """The ``memory`` parameter group: the long-term entries (buffers, not weights), the
+    """The ``memory`` parameter group: the long-term snapshots (buffers, not weights), the
     short-term tier read from the model's input, and a learned recency bias.
 
     What a row reads is the memory *as of its target*: the short-term tier is the last ``W``
     items of the row's input sequence (the items just before the target, newest last), in
-    training and evaluation alike; long-term entries are those written (novelty-gated, from
-    the train part) before the target's position. Reading the short-term tier from the final
+    training and evaluation alike; the long-term tier is the snapshot taken just before the
+    target's train position (:class:`UserMemory`). Reading the short-term tier from the final
     train-part memory instead would show evaluation rows the user's latest items but hide them
     from almost every training row (written after their target), so the experts could never
     learn to use recency.
@@ -263,36 +272,33 @@ class MemoryReader(nn.Module):
 
     def __init__(self, memory: UserMemory, short_term_size: int) -> None:
         super().__init__()
-        long = memory.mask & (memory.tier == LONG_TERM)  # (n_users, M)
-        order = torch.argsort((~long).to(torch.int8), dim=1, stable=True)  # long-term slots first, in order
-        width = int(long.sum(1).max()) if long.numel() else 0
-        order = order[:, :width]
-        self.register_buffer("items", memory.items.gather(1, order) * long.gather(1, order), persistent=False)
-        self.register_buffer("mask", long.gather(1, order), persistent=False)
-        self.register_buffer("time", memory.time.gather(1, order), persistent=False)
+        self.register_buffer("snapshots", memory.items, persistent=False)  # (P, L)
+        self.register_buffer("first", memory.offsets[:-1].clone(), persistent=False)  # (n_users,)
+        self.register_buffer("final", memory.offsets[1:] - 1, persistent=False)  # (n_users,) after the train part
         self.short_term_size = short_term_size
         self.recency_bias = nn.Parameter(torch.zeros(short_term_size + 1))
 
     @property
     def size(self) -> int:
         """M = short-term slots + long-term slots."""
-        return self.short_term_size + self.items.size(1)
+        return self.short_term_size + self.snapshots.size(1)
 
     def read(self, users: torch.Tensor, recent: torch.Tensor, before: torch.Tensor | None = None):
         """(N,) users, (N, >= W) items before each row's target (newest last, 0 = padding),
         optional (N,) train positions of the targets -> items, visible, logit bias, each (N, M).
 
-        Slots ``0..W-1`` are the short-term tier (oldest first), the rest long-term; with
-        ``before``, a long-term entry is visible only if it was written at a position < before.
+        Slots ``0..W-1`` are the short-term tier (oldest first), the rest long-term: the
+        snapshot as of train position ``before`` (None, or past the train part: after it).
         """
         W = self.short_term_size
         short = recent[:, recent.size(1) - W:] if W else recent[:, :0]  # (N, W)
         if short.size(1) < W:  # a history shorter than W: pad on the left
             short = torch.nn.functional.pad(short, (W - short.size(1), 0))
-        long_items, long_visible = self.items[users], self.mask[users]  # (N, L)
+        rows = self.final[users]
         if before is not None:
-            long_visible = long_visible & (self.time[users] < before[:, None])
+            rows = torch.minimum(self.first[users] + before.clamp(min=0), rows)
+        long_items = self.snapshots[rows]  # (N, L)
         items = torch.cat([short, long_items], 1)  # (N, M)
-        visible = torch.cat([short > 0, long_visible], 1)
+        visible = items > 0
         bias = torch.cat([self.recency_bias[:W].flip(0), self.recency_bias[W:].expand(long_items.size(1))])
         return items, visible, bias.expand(len(users), -1)

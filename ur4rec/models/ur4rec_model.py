@@ -126,8 +126,8 @@ class UR4Rec(nn.Module):
         self._register_features(features, moe.image_dim)
         if memory is None or not moe.memory:
             memory = empty_memory(n_users)
-        if memory.items.size(0) != n_users:
-            raise ValueError(f"memory has {memory.items.size(0)} users, the model {n_users}")
+        if memory.n_users != n_users:
+            raise ValueError(f"memory has {memory.n_users} users, the model {n_users}")
         self.memory = MemoryReader(memory, moe.short_term_size if moe.memory else 0)
 
         images = self.item_image[self.item_image_mask]  # (rows with an image, Dv): PCA init data
@@ -188,8 +188,8 @@ class UR4Rec(nn.Module):
         """Project every memory-side key/value once for (N,) users with (N, d) states.
 
         ``recent`` (N, >= W): the items just before each row's target, newest last (the
-        short-term tier). ``before`` (N,): train position of each row's target; long-term
-        entries written at or after it are invisible (training); None = all of them (evaluation).
+        short-term tier). ``before`` (N,): train position of each row's target; the long-term
+        tier is read as it stood just before it (training); None = after the train part (evaluation).
         """
         items, visible, slot_bias = self.memory.read(users, recent, before)  # (N, M) each
         unique, index = torch.unique(items, return_inverse=True)  # (u_m,), (N, M)

@@ -25,8 +25,8 @@ says ``"epoch": 0`` when no epoch beat it. Training rows are ``moe.rows_per_wind
 positions of each Stage-1 window, drawn at random each epoch, scored against the target, the
 backbone's hardest items and shared uniform negatives (``moe.train_candidates: sampled``,
 :func:`sampled_candidates`), or each window's newest target (``in_batch``, ``full``). A row
-reads the memory as of its target: the items just before it (short-term) and long-term
-entries written before its position.
+reads the memory as of its target: the items just before it (short-term) and the long-term
+tier as it stood just before its position.
 """
 
 from __future__ import annotations
@@ -223,8 +223,8 @@ def build_user_memory(dataset: SequenceDataset, features, config: Config) -> Use
     if not moe.memory:
         return empty_memory(dataset.n_users)
     sequences = [dataset.train_sequence(user) for user in range(dataset.n_users)]
-    return build_memory(sequences, combined_item_features(features), moe.short_term_size,
-                        moe.long_term_capacity, moe.novelty_threshold, moe.memory_half_life)
+    return build_memory(sequences, combined_item_features(features), moe.long_term_capacity, moe.novelty_threshold,
+                        moe.memory_half_life)
 
 
 def build_ur4rec(config: Config, dataset: SequenceDataset, features) -> UR4Rec:

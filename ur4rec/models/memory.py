@@ -21,7 +21,8 @@ would see entries picked for their similarity to the target, and nearly empty lo
 tiers besides, while evaluation rows see a full, unbiased one.
 
 :func:`build_memory` is the pure function that turns every user's train sequence into the
-padded long-term snapshots at every train position; :class:`LocalMemory` holds one user's memory with write/read semantics;
+padded long-term snapshots at every train position; :class:`LocalMemory` holds one user's
+memory with write/read semantics;
 :func:`read_entries` retrieves, for each (user, candidate item), the top-K visible entries most
 relevant to the candidate (cosine on the content features; the model falls back to ID
 embeddings for items without any); :class:`MemoryReader` is the model's ``memory`` group:

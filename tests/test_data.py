@@ -1,3 +1,4 @@
+import hashlib
 import urllib.request
 
 import pytest
@@ -17,24 +18,44 @@ def write_raw_100k(folder, ratings):
     (folder / "u.item").write_bytes("".join(lines).encode("latin-1"))
 
 
+def pair_hash(user, item):
+    return int.from_bytes(hashlib.blake2b(f"{user}\t{item}".encode(), digest_size=8).digest(), "little")
+
+
+# user 1: items 7 and 9 share timestamp 300; the tie is broken by the hash of (user, item)
+TIED = sorted([7, 9], key=lambda item: pair_hash(1, item))
 RATINGS = [
-    # user 1: two items share timestamp 300; the tie is broken by item id (7 before 9)
     (1, 5, 3, 100), (1, 9, 4, 300), (1, 7, 5, 300), (1, 2, 1, 400),
     (2, 5, 3, 10), (2, 2, 3, 20), (2, 9, 3, 30),
     (3, 1, 3, 10), (3, 2, 3, 20),  # only 2 interactions: dropped by min_interactions=3
 ]
 
 
-def test_split_orders_by_time_and_breaks_ties_by_item_id(tmp_path):
+def test_split_orders_by_time_and_breaks_ties_by_the_pair_hash(tmp_path):
     write_raw_100k(tmp_path, RATINGS)
     dataset = build_dataset(load_movielens("ml-100k", tmp_path), min_interactions=3)
     assert dataset.n_users == 2
     raw = lambda ids: [dataset.item_raw_ids[i] for i in ids]  # noqa: E731
-    assert raw(dataset.sequences[0]) == ["5", "7", "9", "2"]
-    assert raw(dataset.train_sequence(0)) == ["5", "7"]
-    assert raw(dataset.target("valid")) == ["9", "2"]
+    first, second = str(TIED[0]), str(TIED[1])
+    assert raw(dataset.sequences[0]) == ["5", first, second, "2"]
+    assert raw(dataset.train_sequence(0)) == ["5", first]
+    assert raw(dataset.target("valid")) == [second, "2"]
     assert raw(dataset.target("test")) == ["2", "9"]
     assert dataset.item_meta[dataset.item_raw_ids.tolist().index("5")].title == "Caf\xe9 5"
+
+
+def test_the_tie_break_does_not_favour_high_item_ids(tmp_path):
+    # 200 users rate item 10 and item 20 in the same second, after two earlier items: ordering
+    # ties by item id would make item 20 every user's test item; the pair hash splits them.
+    ratings = []
+    for user in range(1, 201):
+        ratings += [(user, 1, 3, 10), (user, 2, 3, 20), (user, 10, 3, 30), (user, 20, 3, 30)]
+    write_raw_100k(tmp_path, ratings)
+    dataset = build_dataset(load_movielens("ml-100k", tmp_path))
+    tests = [dataset.item_raw_ids[i] for i in dataset.target("test")]
+    expected = [max(("10", "20"), key=lambda item: pair_hash(user, item)) for user in range(1, 201)]
+    assert tests == expected
+    assert 0.35 < tests.count("20") / len(tests) < 0.65
 
 
 def test_fingerprint_ignores_line_order_and_format(tmp_path):

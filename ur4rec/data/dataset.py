@@ -1,8 +1,9 @@
 """Sequence dataset: ids, the leave-one-out split by time, and a fingerprint.
 
 Split rule (DESIGN section 2): per user, interactions are ordered by timestamp; equal
-timestamps are ordered by the item's raw id (numerically when ids are integers), so the
-split does not depend on the order of lines in the file. The last item is the test target,
+timestamps are ordered by a hash of the raw (user id, item id) pair (:func:`tie_break_keys`),
+so the split depends neither on the order of lines in the file nor on how items are numbered.
+The last item is the test target,
 the one before it the validation target, the rest is the train part. Users with fewer than
 ``min_interactions`` interactions are dropped. Item id 0 is padding; items are numbered
 1..n_items in the order of their raw ids.
@@ -19,8 +20,8 @@ import numpy as np
 from ur4rec.data.movielens import ItemMeta, RawInteractions
 
 SPLIT_RULE = (
-    "leave-one-out by time: per user, order by (timestamp, raw item id); last = test, "
-    "second last = validation, rest = train"
+    "leave-one-out by time: per user, order by (timestamp, blake2b-64 of 'raw user id<TAB>raw item id'); "
+    "last = test, second last = validation, rest = train"
 )
 
 
@@ -100,6 +101,22 @@ def _sort_key(raw_ids: np.ndarray) -> np.ndarray:
         return raw_ids
 
 
+def tie_break_keys(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """(N,) uint64 keys that order interactions sharing a user and a timestamp.
+
+    The key is the 64-bit blake2b digest of ``"<raw user id>\t<raw item id>"``: stable across
+    files, formats and machines, and unrelated to the item's id. Ordering ties by item id
+    instead put the higher id last, and on ML-100K high ids are the rarely rated items: 44% of
+    users have validation and test items with the same timestamp, and under that rule the
+    test targets had 16% fewer train interactions on average than the validation targets
+    (README, Data), so validation and test were not drawn alike.
+    """
+    pairs = np.char.add(np.char.add(users.astype(str), "\t"), items.astype(str))
+    unique, inverse = np.unique(pairs, return_inverse=True)
+    digests = [int.from_bytes(hashlib.blake2b(pair.encode(), digest_size=8).digest(), "little") for pair in unique]
+    return np.array(digests, dtype=np.uint64)[inverse.reshape(-1)]
+
+
 def build_dataset(raw: RawInteractions, min_interactions: int = 3) -> SequenceDataset:
     """Number users and items, order each user's interactions, and apply the filter."""
     if min_interactions < 3:
@@ -121,8 +138,8 @@ def build_dataset(raw: RawInteractions, min_interactions: int = 3) -> SequenceDa
     user_lookup = {value: index for index, value in enumerate(user_values)}
     user_ids = np.array([user_lookup[v] for v in users], dtype=np.int64)
 
-    # Order by user, then timestamp, then item id (items are numbered in raw-id order).
-    order = np.lexsort((item_ids, stamps, user_ids))
+    # Order by user, then timestamp, then the tie-break hash (then item id, for repeated pairs).
+    order = np.lexsort((item_ids, tie_break_keys(users, items), stamps, user_ids))
     user_ids, item_ids = user_ids[order], item_ids[order]
     boundaries = np.flatnonzero(np.diff(user_ids)) + 1
     sequences = np.split(item_ids, boundaries)

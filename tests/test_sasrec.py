@@ -1,8 +1,9 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ur4rec.config import ModelConfig
-from ur4rec.models.losses import recommendation_loss
+from ur4rec.models.losses import full_softmax_cross_entropy, recommendation_loss
 from ur4rec.models.sasrec import SASRec, attention_mask
 
 
@@ -84,3 +85,33 @@ def test_dropout_keeps_the_expected_fraction():
     assert (out == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
     assert out.mean().item() == pytest.approx(1.0, abs=0.01)
     assert torch.equal(layer.eval()(torch.ones(5)), torch.ones(5))
+
+
+@pytest.mark.parametrize("rows, chunk", [(1, 512), (7, 3), (64, 64), (300, 128)])
+def test_chunked_cross_entropy_matches_the_unchunked_one(rows, chunk):
+    torch.manual_seed(rows)
+    states = (3 * torch.randn(rows, 16)).requires_grad_()  # large logits: the softmax must be stable
+    items = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (rows,))
+    fused = full_softmax_cross_entropy(states, items, targets, chunk)
+    (2.5 * fused).backward()  # a non-unit upstream gradient must be applied
+    grads = states.grad.clone(), items.grad.clone()
+    states.grad = items.grad = None
+    reference = F.cross_entropy(states @ items.T, targets)
+    (2.5 * reference).backward()
+    assert torch.allclose(fused, reference, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grads[0], states.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grads[1], items.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_stays_close_to_fp32():
+    torch.manual_seed(0)
+    states = torch.randn(50, 16, requires_grad=True)
+    items = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (50,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = full_softmax_cross_entropy(states, items, targets, 16)
+    fused.backward()
+    assert fused.dtype == torch.float32 and states.grad.dtype == items.grad.dtype == torch.float32
+    reference = F.cross_entropy(states.detach() @ items.detach().T, targets)
+    assert abs(fused.item() - reference.item()) < 0.05 * reference.item()

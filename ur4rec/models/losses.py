@@ -26,18 +26,66 @@ def sample_negatives(targets: torch.Tensor, n_items: int, k: int, generator: tor
     return (targets[:, None] - 1 + offsets) % n_items + 1
 
 
+class _FullSoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean softmax cross-entropy of ``states @ items.T`` against ``targets``, chunked over rows.
+
+    Equal to ``F.cross_entropy(states @ items.T, targets)`` but computed ``chunk`` rows at a
+    time, with the gradients formed in the same pass (softmax minus one-hot, then two matrix
+    products), so the (N, V) logits never exist whole. On ML-100K a batch's logits are about
+    30 MB; in chunks of a few hundred rows they stay in cache, and the separate log-softmax,
+    its backward and the zero-filled gradient of ``F.cross_entropy`` (31% of a CPU training
+    step in fp32, profile in README Results) become one pass. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, states, items, targets, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=states.device)
+        grad_states = torch.empty_like(states)
+        grad_items = torch.zeros_like(items, dtype=torch.float32)
+        for start in range(0, states.size(0), chunk):
+            rows, labels = states[start : start + chunk], targets[start : start + chunk]
+            logits = score(rows, items).float()  # (c, V)
+            log_norm = torch.logsumexp(logits, dim=1)  # (c,)
+            picked = torch.arange(len(labels), device=labels.device)
+            total += (log_norm - logits[picked, labels]).sum()
+            probabilities = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
+            probabilities[picked, labels] -= 1.0  # d loss_n / d logits_n
+            probabilities = probabilities.to(items.dtype)
+            grad_states[start : start + chunk] = probabilities @ items
+            if grad_items.dtype == items.dtype:
+                grad_items.addmm_(probabilities.T, rows)
+            else:  # bf16 products, summed over chunks in fp32
+                grad_items += probabilities.T @ rows
+        count = max(states.size(0), 1)
+        ctx.save_for_backward(grad_states, grad_items.to(items.dtype))
+        ctx.count = count
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_states, grad_items = ctx.saved_tensors
+        scale = grad_output / ctx.count
+        return grad_states * scale.to(grad_states.dtype), grad_items * scale.to(grad_items.dtype), None, None
+
+
+def full_softmax_cross_entropy(states: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
+                               chunk: int = 512) -> torch.Tensor:
+    """Mean cross-entropy of the softmax over all V items: states (N, d), items (V, d), targets
+    (N,) in 0..V-1. Under autocast the matrix products run in the autocast dtype (bf16), the
+    softmax in fp32."""
+    device = states.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        states, items = states.to(dtype), items.to(dtype)
+    with torch.autocast(device_type=device, enabled=False):
+        return _FullSoftmaxCrossEntropy.apply(states, items, targets, chunk)
+
+
 def recommendation_loss(name: str, states: torch.Tensor, targets: torch.Tensor, item_table: torch.Tensor,
-                        negatives: torch.Tensor | None = None, excluded: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean loss over the N targets. ``excluded``: optional (N, V) bool of items (ids 1..V as
-    columns 0..V-1) that leave the softmax, e.g. items the user has already seen."""
+                        negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss over the N targets."""
     if name == "ce":
-        logits = score(states, item_table[1:])  # (N, V)
-        if excluded is not None:
-            logits = logits.masked_fill(excluded, float("-inf"))
-        # Under bf16 autocast, cross_entropy would upcast the (N, V) logits to fp32 and take
-        # 35% of a CPU training step; log_softmax accumulates in fp32 internally either way.
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            return F.cross_entropy(logits, targets - 1)
+        return full_softmax_cross_entropy(states, item_table[1:], targets - 1)
     if negatives is None:
         raise ValueError(f"loss {name!r} needs sampled negatives")
     positive = (states * item_table[targets]).sum(-1)  # (N,)

@@ -3,10 +3,9 @@
 Split rule (DESIGN section 2): per user, interactions are ordered by timestamp; equal
 timestamps are ordered by a hash of the raw (user id, item id) pair (:func:`tie_break_keys`),
 so the split depends neither on the order of lines in the file nor on how items are numbered.
-The last item is the test target,
-the one before it the validation target, the rest is the train part. Users with fewer than
-``min_interactions`` interactions are dropped. Item id 0 is padding; items are numbered
-1..n_items in the order of their raw ids.
+The last item is the test target, the one before it the validation target, the rest is the
+train part. Users with fewer than ``min_interactions`` interactions are dropped. Item id 0 is
+padding; items are numbered 1..n_items in the order of their raw ids.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 import hashlib
 import urllib.request
 
+import numpy as np
 import pytest
 
 from ur4rec.config import DataConfig
@@ -128,19 +129,49 @@ def test_min_interactions_below_three_is_refused(tmp_path):
 
 
 def test_no_validation_or_test_item_reaches_training_inputs(tmp_path):
-    # every user's last two items are ids no train part contains, so any leak is visible
-    ratings = []
+    # every user's last two items are ids no train part contains, so any leak is visible; they
+    # share a timestamp with the last train items, so shuffling ties must stop at the split
+    ratings, expected = [], set()
     for user in range(1, 21):
         history = [(user * 7 + step) % 40 + 1 for step in range(3 + user)]
-        ratings += [(user, item, 3, t) for t, item in enumerate(history)]
-        ratings += [(user, 100 + user, 3, 1000), (user, 200 + user, 3, 1001)]
+        ratings += [(user, item, 3, t // 2) for t, item in enumerate(history)]
+        last = (len(history) - 1) // 2
+        tied = max(pair_hash(user, item) for t, item in enumerate(history) if t // 2 == last)
+        held = [item for item in range(100, 1000) if pair_hash(user, item) > tied][:2]  # ordered after them
+        ratings += [(user, item, 3, last) for item in held]
+        expected |= {str(item) for item in held}
     write_raw_100k(tmp_path, ratings)
     dataset = build_dataset(load_movielens("ml-100k", tmp_path))
     held_out = set(dataset.target("valid")) | set(dataset.target("test"))
+    assert {dataset.item_raw_ids[i] for i in held_out} == expected
     for max_len in (3, 5, 50):
-        inputs, targets = training_windows(dataset, max_len)
-        assert not held_out & set(inputs.ravel()), max_len
-        assert not held_out & set(targets.ravel()), max_len
+        for rng in (None, np.random.default_rng(0)):
+            inputs, targets = training_windows(dataset, max_len, rng)
+            assert not held_out & set(inputs.ravel()), max_len
+            assert not held_out & set(targets.ravel()), max_len
+
+
+def test_shuffled_ties_keep_time_order_and_every_target(tmp_path):
+    # user 1: ten items at timestamp 5, between single items at 1 and 9 (and two held out at 20)
+    ratings = [(1, 1, 3, 1)] + [(1, item, 3, 5) for item in range(2, 12)] + [(1, 12, 3, 9)]
+    ratings += [(1, 13, 3, 20), (1, 14, 3, 21)]
+    write_raw_100k(tmp_path, ratings)
+    dataset = build_dataset(load_movielens("ml-100k", tmp_path))
+    fixed = dataset.train_sequence(0)
+    raw = lambda ids: [int(dataset.item_raw_ids[i]) for i in ids]  # noqa: E731
+    orders = set()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        inputs, targets = training_windows(dataset, max_len=50, rng=rng)
+        sequence = np.concatenate([inputs[0][inputs[0] > 0], targets[0][-1:]])
+        assert raw(sequence)[0] == 1 and raw(sequence)[-1] == 12  # distinct timestamps keep their order
+        assert sorted(sequence) == sorted(fixed)  # the same items, each a target once
+        real = targets[0][:-1] > 0
+        assert (inputs[0][1:][real] == targets[0][:-1][real]).all()  # each target is the next input
+        orders.add(tuple(raw(sequence)))
+    assert len(orders) == 20  # 10! orders: every epoch a different one
+    inputs, _ = training_windows(dataset, max_len=50)
+    assert raw(inputs[0][inputs[0] > 0]) == raw(fixed[:-1])  # no rng: the split's order
 
 
 def test_every_train_interaction_is_a_target_once(synthetic):

@@ -31,6 +31,16 @@ def test_same_seed_same_metrics(smoke_config, synthetic, tmp_path):
     assert c != a
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_stage1_reshuffles_ties_every_epoch_only_when_asked(smoke_config, synthetic, tmp_path, monkeypatch, shuffle):
+    calls = []
+    real = trainer.training_windows
+    monkeypatch.setattr(trainer, "training_windows", lambda *a, **k: calls.append(a[2:] or k) or real(*a, **k))
+    run_stage1(smoke_config.override(["train.epochs=3", "train.patience=99", f"train.shuffle_ties={shuffle}"]),
+               synthetic, tmp_path)
+    assert [bool(c) for c in calls] == ([True] * 3 if shuffle else [False])  # an rng each epoch, or none once
+
+
 @pytest.mark.parametrize("loss", ["ce", "bpr", "bce"])
 def test_stage1_learns_the_planted_structure(smoke_config, synthetic, tmp_path, loss):
     config = smoke_config.override([f"train.loss={loss}", "train.num_negatives=4"])

@@ -64,6 +64,10 @@ class TrainConfig:
     lr_schedule: str = option("constant", "constant, or cosine: decay to 0 over train.epochs after warm-up")
     warmup_epochs: int = option(0, "epochs of linear learning-rate warm-up")
     weight_decay: float = option(0.0, "AdamW weight decay")
+    shuffle_ties: bool = option(
+        True, "stage 1: each epoch, put train items that share a timestamp in a fresh random order "
+        "(their order is not data); false = always the split's tie-break order"
+    )
     grad_clip: float = option(1.0, "clip the gradient norm to this value (0 = off)")
     patience: int = option(10, "stop after this many epochs without a better validation metric")
     eval_every: int = option(1, "evaluate on validation every N epochs")

@@ -5,7 +5,8 @@ timestamps are ordered by a hash of the raw (user id, item id) pair (:func:`tie_
 so the split depends neither on the order of lines in the file nor on how items are numbered.
 The last item is the test target, the one before it the validation target, the rest is the
 train part. Users with fewer than ``min_interactions`` interactions are dropped. Item id 0 is
-padding; items are numbered 1..n_items in the order of their raw ids.
+padding; items are numbered 1..n_items in the order of their raw ids. Each sequence keeps its
+timestamps, so training can tell which items are tied.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class SequenceDataset:
     item_meta: list[ItemMeta]  # (n_items + 1,) metadata; index 0 = padding
     min_interactions: int = 3
     fingerprint: str = field(default="")
+    timestamps: list[np.ndarray] | None = None  # per user, the timestamp of each item of ``sequences``
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
@@ -53,6 +55,10 @@ class SequenceDataset:
 
     def train_sequence(self, user: int) -> np.ndarray:
         return self.sequences[user][:-2]
+
+    def train_timestamps(self, user: int) -> np.ndarray | None:
+        """Timestamps of ``train_sequence(user)``, or None when the dataset has none."""
+        return None if self.timestamps is None else self.timestamps[user][:-2]
 
     def history(self, user: int, split: str) -> np.ndarray:
         """Items the model may see when predicting ``split`` ('valid' or 'test')."""
@@ -142,6 +148,7 @@ def build_dataset(raw: RawInteractions, min_interactions: int = 3) -> SequenceDa
     user_ids, item_ids = user_ids[order], item_ids[order]
     boundaries = np.flatnonzero(np.diff(user_ids)) + 1
     sequences = np.split(item_ids, boundaries)
+    timestamps = np.split(stamps[order].astype(np.int64), boundaries)
 
     meta = [ItemMeta(title="[padding]")]
     for value in item_values:
@@ -154,16 +161,21 @@ def build_dataset(raw: RawInteractions, min_interactions: int = 3) -> SequenceDa
         sequences=sequences,
         item_meta=meta,
         min_interactions=min_interactions,
+        timestamps=timestamps,
     )
 
 
 def _fingerprint(dataset: SequenceDataset) -> str:
-    """sha256 of the ids and ordered sequences: equal whichever file format they came from."""
+    """sha256 of the ids, ordered sequences and timestamps: equal whichever file format they
+    came from. Timestamps count because training reorders items that share one."""
     digest = hashlib.sha256()
     digest.update(json.dumps([dataset.name, SPLIT_RULE, dataset.min_interactions]).encode())
     digest.update("\x00".join(map(str, dataset.user_raw_ids)).encode())
     digest.update("\x00".join(map(str, dataset.item_raw_ids)).encode())
     for sequence in dataset.sequences:
         digest.update(np.asarray(sequence, dtype=np.int64).tobytes())
+        digest.update(b"|")
+    for stamps in dataset.timestamps or []:
+        digest.update(np.asarray(stamps, dtype=np.int64).tobytes())
         digest.update(b"|")
     return digest.hexdigest()[:16]

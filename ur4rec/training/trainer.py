@@ -6,6 +6,11 @@ windows of ``max_len`` (the newest window is full; the oldest may be shorter and
 left-padded). Windows are batched by length so a batch carries little padding, and batches
 are shuffled. Padded targets (id 0) are outside the loss.
 
+Items that share a timestamp have no order in the data (half of ML-100K's consecutive pairs:
+users rated many films in the same second), so with ``train.shuffle_ties`` each epoch puts
+them in a fresh random order (:func:`shuffle_ties`) instead of always training on the split's
+fixed tie-break order. Validation and test inputs keep the split's order.
+
 After each evaluation the best model (validation ``eval.select_metric``, full ranking) is
 written to ``RUN/stage1/``; a non-finite loss stops the run with :class:`NonFiniteLossError`
 naming the loss term, epoch and step, and that best checkpoint stays.
@@ -37,11 +42,24 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; the message names the term, epoch and step."""
 
 
-def training_windows(dataset: SequenceDataset, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(W, max_len) left-padded inputs and targets covering every train interaction once."""
+def shuffle_ties(sequence: np.ndarray, timestamps: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """``sequence`` (in time order) with the items of each equal-timestamp run in random order."""
+    if timestamps is None:
+        return sequence
+    return sequence[np.lexsort((rng.random(len(sequence)), timestamps))]
+
+
+def training_windows(dataset: SequenceDataset, max_len: int,
+                     rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(W, max_len) left-padded inputs and targets covering every train interaction once.
+
+    With ``rng``, each user's items that share a timestamp are first shuffled (:func:`shuffle_ties`).
+    """
     inputs, targets = [], []
     for user in range(dataset.n_users):
         sequence = dataset.train_sequence(user)
+        if rng is not None:
+            sequence = shuffle_ties(sequence, dataset.train_timestamps(user), rng)
         x, y = sequence[:-1], sequence[1:]
         for end in range(len(y), 0, -max_len):
             start = max(0, end - max_len)
@@ -150,7 +168,7 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
     model = build_model(config, dataset.n_items).to(config.train.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.learning_rate,
                                   weight_decay=config.train.weight_decay)
-    inputs, targets = training_windows(dataset, config.data.max_len)
+    fixed_windows = None if config.train.shuffle_ties else training_windows(dataset, config.data.max_len)
     negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
     valid_inputs = build_eval_inputs(dataset, "valid", config.data.max_len, negatives)
 
@@ -159,6 +177,7 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
     bar = tqdm(range(1, config.train.epochs + 1), desc="stage 1", unit="epoch", disable=not config.train.progress)
     for epoch in bar:
         start = time.perf_counter()
+        inputs, targets = fixed_windows or training_windows(dataset, config.data.max_len, rng)
         train_loss = train_epoch(model, optimizer, inputs, targets, config, rng, generator, epoch)
         epoch_seconds.append(time.perf_counter() - start)
         record = {"epoch": epoch, "seconds": round(epoch_seconds[-1], 4), "train_loss": train_loss,

@@ -87,17 +87,18 @@ def test_dropout_keeps_the_expected_fraction():
     assert torch.equal(layer.eval()(torch.ones(5)), torch.ones(5))
 
 
-@pytest.mark.parametrize("rows, chunk", [(1, 512), (7, 3), (64, 64), (300, 128)])
-def test_chunked_cross_entropy_matches_the_unchunked_one(rows, chunk):
+@pytest.mark.parametrize("rows, chunk, smoothing", [(1, 512, 0.0), (7, 3, 0.0), (64, 64, 0.0), (300, 128, 0.0),
+                                                    (7, 3, 0.1), (300, 128, 0.3)])
+def test_chunked_cross_entropy_matches_the_unchunked_one(rows, chunk, smoothing):
     torch.manual_seed(rows)
     states = (3 * torch.randn(rows, 16)).requires_grad_()  # large logits: the softmax must be stable
     items = torch.randn(40, 16, requires_grad=True)
     targets = torch.randint(0, 40, (rows,))
-    fused = full_softmax_cross_entropy(states, items, targets, chunk)
+    fused = full_softmax_cross_entropy(states, items, targets, chunk, smoothing)
     (2.5 * fused).backward()  # a non-unit upstream gradient must be applied
     grads = states.grad.clone(), items.grad.clone()
     states.grad = items.grad = None
-    reference = F.cross_entropy(states @ items.T, targets)
+    reference = F.cross_entropy(states @ items.T, targets, label_smoothing=smoothing)
     (2.5 * reference).backward()
     assert torch.allclose(fused, reference, rtol=1e-5, atol=1e-6)
     assert torch.allclose(grads[0], states.grad, rtol=1e-5, atol=1e-6)

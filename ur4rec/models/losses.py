@@ -38,7 +38,7 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, states, items, targets, chunk):
+    def forward(ctx, states, items, targets, chunk, smoothing):
         total = torch.zeros((), dtype=torch.float32, device=states.device)
         grad_states = torch.empty_like(states)
         grad_items = torch.zeros_like(items, dtype=torch.float32)
@@ -47,9 +47,14 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
             logits = score(rows, items).float()  # (c, V)
             log_norm = torch.logsumexp(logits, dim=1)  # (c,)
             picked = torch.arange(len(labels), device=labels.device)
-            total += (log_norm - logits[picked, labels]).sum()
+            # -log p_label, mixed with the mean -log p over all V items when smoothing
+            total += (log_norm - (1 - smoothing) * logits[picked, labels]).sum()
+            if smoothing:
+                total -= smoothing * logits.mean(dim=1).sum()
             probabilities = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
-            probabilities[picked, labels] -= 1.0  # d loss_n / d logits_n
+            probabilities[picked, labels] -= 1.0 - smoothing  # d loss_n / d logits_n
+            if smoothing:
+                probabilities -= smoothing / items.size(0)
             probabilities = probabilities.to(items.dtype)
             grad_states[start : start + chunk] = probabilities @ items
             if grad_items.dtype == items.dtype:
@@ -65,27 +70,30 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_states, grad_items = ctx.saved_tensors
         scale = grad_output / ctx.count
-        return grad_states * scale.to(grad_states.dtype), grad_items * scale.to(grad_items.dtype), None, None
+        return grad_states * scale.to(grad_states.dtype), grad_items * scale.to(grad_items.dtype), None, None, None
 
 
 def full_softmax_cross_entropy(states: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
-                               chunk: int = 512) -> torch.Tensor:
+                               chunk: int = 512, smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of the softmax over all V items: states (N, d), items (V, d), targets
-    (N,) in 0..V-1. Under autocast the matrix products run in the autocast dtype (bf16), the
-    softmax in fp32."""
+    (N,) in 0..V-1, with label smoothing ``smoothing`` as in ``F.cross_entropy`` (the target
+    distribution puts ``smoothing / V`` on every item and the rest on the label). Under
+    autocast the matrix products run in the autocast dtype (bf16), the softmax in fp32."""
     device = states.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         states, items = states.to(dtype), items.to(dtype)
     with torch.autocast(device_type=device, enabled=False):
-        return _FullSoftmaxCrossEntropy.apply(states, items, targets, chunk)
+        return _FullSoftmaxCrossEntropy.apply(states, items, targets, chunk, smoothing)
 
 
 def recommendation_loss(name: str, states: torch.Tensor, targets: torch.Tensor, item_table: torch.Tensor,
-                        negatives: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean loss over the N targets."""
+                        negatives: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
+    """Mean loss over the N targets; ``smoothing`` is the label smoothing of ``ce``."""
     if name == "ce":
-        return full_softmax_cross_entropy(states, item_table[1:], targets - 1)
+        return full_softmax_cross_entropy(states, item_table[1:], targets - 1, smoothing=smoothing)
+    if smoothing:
+        raise ValueError(f"label smoothing applies to the ce loss only, not {name!r}")
     if negatives is None:
         raise ValueError(f"loss {name!r} needs sampled negatives")
     positive = (states * item_table[targets]).sum(-1)  # (N,)

@@ -401,7 +401,7 @@ def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=Non
         if config.train.loss != "ce":
             negatives = sample_training_negatives(all_targets, model.n_items, config.train.num_negatives, generator)
         losses["backbone"] = recommendation_loss(config.train.loss, all_states, all_targets, model.item_vectors(),
-                                                 negatives)
+                                                 negatives, config.train.label_smoothing)
     if train_router and model.expert_names and moe.load_balance_weight > 0:
         losses["load_balance"] = load_balancing_loss(out.router_weights[arange, positive], out.available[arange, positive])
     return losses

@@ -134,7 +134,8 @@ def train_epoch(model, optimizer, inputs, targets, config: Config, rng, generato
             negatives = None
             if config.train.loss != "ce":
                 negatives = sample_training_negatives(y_valid, model.n_items, config.train.num_negatives, generator)
-            loss = recommendation_loss(config.train.loss, states, y_valid, model.item_vectors(), negatives)
+            loss = recommendation_loss(config.train.loss, states, y_valid, model.item_vectors(), negatives,
+                                       config.train.label_smoothing)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss term {config.train.loss!r} is {loss.item()} at epoch {epoch}, step {step}"
@@ -156,6 +157,8 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
     """Train SASRec to early stopping, keep the best checkpoint, evaluate it, write the stage."""
     if config.train.loss not in LOSSES:
         raise ValueError(f"train.loss must be one of {LOSSES}, got {config.train.loss!r}")
+    if not 0.0 <= config.train.label_smoothing < 1.0:
+        raise ValueError(f"train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}")
     set_threads(config)
     torch.manual_seed(config.train.seed)
     rng = np.random.default_rng(config.train.seed)

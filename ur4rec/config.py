@@ -58,7 +58,7 @@ class ModelConfig:
 class TrainConfig:
     loss: str = option("ce", "ce (softmax over all items), bpr (softplus) or bce (sampled negatives)")
     num_negatives: int = option(1, "negatives per target for bpr and bce")
-    label_smoothing: float = option(0.0, "ce only: label smoothing (the target puts this mass evenly on all items)")
+    label_smoothing: float = option(0.1, "ce: label smoothing (the target puts this mass evenly on all items); bpr and bce ignore it")
     epochs: int = option(200, "maximum number of epochs")
     batch_size: int = option(128, "training windows per batch")
     learning_rate: float = option(0.002, "AdamW learning rate")

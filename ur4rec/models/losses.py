@@ -89,11 +89,10 @@ def full_softmax_cross_entropy(states: torch.Tensor, items: torch.Tensor, target
 
 def recommendation_loss(name: str, states: torch.Tensor, targets: torch.Tensor, item_table: torch.Tensor,
                         negatives: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
-    """Mean loss over the N targets; ``smoothing`` is the label smoothing of ``ce``."""
+    """Mean loss over the N targets; ``smoothing`` is the label smoothing of ``ce`` (bpr and bce
+    have no label distribution to smooth and ignore it)."""
     if name == "ce":
         return full_softmax_cross_entropy(states, item_table[1:], targets - 1, smoothing=smoothing)
-    if smoothing:
-        raise ValueError(f"label smoothing applies to the ce loss only, not {name!r}")
     if negatives is None:
         raise ValueError(f"loss {name!r} needs sampled negatives")
     positive = (states * item_table[targets]).sum(-1)  # (N,)

@@ -39,28 +39,39 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, states, items, targets, chunk, smoothing):
+        V = items.size(0)
         total = torch.zeros((), dtype=torch.float32, device=states.device)
         grad_states = torch.empty_like(states)
         grad_items = torch.zeros_like(items, dtype=torch.float32)
+        # Label smoothing adds -(s/V) sum_v log p_v per row: its loss is s * mean_v logits_v =
+        # s * rows . mean(items) and its gradient is the constant -(s/V) on every logit, i.e.
+        # -(s/V) sum(items) per row and -(s/V) sum(rows) per item: no extra pass over (c, V).
+        item_sum = items.float().sum(0)  # (d,)
         for start in range(0, states.size(0), chunk):
             rows, labels = states[start : start + chunk], targets[start : start + chunk]
             logits = score(rows, items).float()  # (c, V)
-            log_norm = torch.logsumexp(logits, dim=1)  # (c,)
             picked = torch.arange(len(labels), device=labels.device)
+            label_logits = logits[picked, labels]  # (c,)
+            # softmax and its normaliser with one exp pass (logsumexp would take a second one)
+            peak = logits.amax(dim=1, keepdim=True)  # (c, 1)
+            probabilities = logits.sub_(peak).exp_()  # (c, V), in place
+            normaliser = probabilities.sum(dim=1, keepdim=True)  # (c, 1)
+            probabilities.div_(normaliser)
+            log_norm = (peak + normaliser.log()).squeeze(1)  # (c,) logsumexp of the logits
             # -log p_label, mixed with the mean -log p over all V items when smoothing
-            total += (log_norm - (1 - smoothing) * logits[picked, labels]).sum()
+            total += (log_norm - (1 - smoothing) * label_logits).sum()
+            probabilities[picked, labels] -= 1.0 - smoothing  # d loss_n / d logits_n, but for -s/V
             if smoothing:
-                total -= smoothing * logits.mean(dim=1).sum()
-            probabilities = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
-            probabilities[picked, labels] -= 1.0 - smoothing  # d loss_n / d logits_n
-            if smoothing:
-                probabilities -= smoothing / items.size(0)
+                total -= smoothing * (rows.float() @ item_sum).sum() / V
             probabilities = probabilities.to(items.dtype)
             grad_states[start : start + chunk] = probabilities @ items
             if grad_items.dtype == items.dtype:
                 grad_items.addmm_(probabilities.T, rows)
             else:  # bf16 products, summed over chunks in fp32
                 grad_items += probabilities.T @ rows
+        if smoothing:  # the -s/V on every logit
+            grad_states -= (smoothing / V) * item_sum.to(grad_states.dtype)
+            grad_items -= (smoothing / V) * states.float().sum(0)
         count = max(states.size(0), 1)
         ctx.save_for_backward(grad_states, grad_items.to(items.dtype))
         ctx.count = count

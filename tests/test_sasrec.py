@@ -83,6 +83,9 @@ def test_dropout_keeps_the_expected_fraction():
     layer = Dropout(0.25).train()
     out = layer(torch.ones(200_000))
     assert (out == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
+    # every byte of the random words is uniform: no position within a 64-bit word is biased
+    by_byte = (out == 0).float().view(-1, 8).mean(0)
+    assert torch.allclose(by_byte, torch.full((8,), 0.25), atol=0.015)
     assert out.mean().item() == pytest.approx(1.0, abs=0.01)
     assert torch.equal(layer.eval()(torch.ones(5)), torch.ones(5))
 

@@ -59,9 +59,11 @@ class Dropout(nn.Module):
         if not self.training or self.threshold == 0:
             return x
         n = x.numel()
-        words = torch.randint(-(2**31), 2**31 - 1, ((n + 3) // 4,), dtype=torch.int32, device=x.device)
+        # 64-bit draws: 8 bytes per generator call, half the cost of 32-bit ones
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
         keep = words.view(torch.uint8)[:n].view(x.shape) >= self.threshold  # P(keep) = 1 - p
-        return x * (keep * (256.0 / (256 - self.threshold)))  # one product with x: 25% faster than two
+        scale = keep.to(x.dtype).mul_(256.0 / (256 - self.threshold))  # one float pass, not two
+        return x * scale  # one product with x: 25% faster than two
 
 
 class CausalSelfAttention(nn.Module):

@@ -180,6 +180,31 @@ def test_values_and_gradients_finite_with_missing_modalities_and_padding_rows(fe
         assert parameter.grad is None or torch.isfinite(parameter.grad).all(), name
 
 
+def test_without_any_image_skipping_the_visual_expert_changes_nothing():
+    """No item has an image: the model skips the visual expert's tables. Computing them anyway
+    (``has_images`` forced on) must give the same scores, routing and gradients elsewhere."""
+    model = make_model(make_features(image=0.0)).train()
+    assert not model.has_images
+    users, ids = batch(6)
+    candidates = torch.randint(1, N_ITEMS + 1, (len(users), 7))
+    results = []
+    for has_images in (False, True):
+        model.has_images = has_images
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks
+        out = model(users, ids, candidates, details=True)
+        F.cross_entropy(out.scores, torch.zeros(len(users), dtype=torch.long)).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()
+                 if p.grad is not None and not n.startswith("experts.visual")}
+        results.append((out, grads))
+    (skipped, skipped_grads), (computed, computed_grads) = results
+    assert torch.allclose(skipped.scores, computed.scores, atol=1e-6)
+    assert torch.equal(skipped.router_weights, computed.router_weights)
+    assert (skipped.router_weights[..., list(skipped.expert_names).index("visual")] == 0).all()
+    assert skipped_grads.keys() == computed_grads.keys()
+    assert all(torch.allclose(skipped_grads[n], computed_grads[n], atol=1e-6) for n in skipped_grads)
+
+
 def test_router_gives_exactly_zero_weight_to_a_missing_modality():
     features = make_features(text=1.0, image=0.5, users=0.5)
     model = make_model(features).eval()

@@ -124,6 +124,9 @@ class UR4Rec(nn.Module):
         self.backbone.apply(_init_weights)
 
         self._register_features(features, moe.image_dim)
+        # No item has an image (e.g. offline, no posters): the visual expert is unavailable for every
+        # (user, item), so its router weight is exactly 0; skip computing what it would weigh.
+        self.has_images = bool(self.item_image_mask.any())
         if memory is None or not moe.memory:
             memory = empty_memory(n_users)
         if memory.n_users != n_users:
@@ -194,7 +197,7 @@ class UR4Rec(nn.Module):
         items, visible, slot_bias = self.memory.read(users, recent, before)  # (N, M) each
         unique, index = torch.unique(items, return_inverse=True)  # (u_m,), (N, M)
         rows = _Rows(users, states, items, visible, index, unique, slot_bias)
-        if "visual" in self.experts:
+        if "visual" in self.experts and self.has_images:
             images = self.item_image[unique]  # (u_m, Dv)
             rows.visual_keys = self.experts["visual"].key(images)  # (u_m, Dv)
             rows.visual_values = self.alignment.visual(images)  # (u_m, d)
@@ -244,18 +247,23 @@ class UR4Rec(nn.Module):
 
         expert_scores, available, maps, extra = {}, [], {}, {}
         tables = []  # every memory expert's (u_c, u_m, t) tables, gathered in one pass below
-        if "visual" in self.experts:
+        visual = "visual" in self.experts and self.has_images
+        if visual:
             tables.append(self.experts["visual"].tables(self.item_image[unique], e, rows.visual_keys,
                                                         rows.visual_values))
         if "semantic" in self.experts:
             tables.append(self.experts["semantic"].tables(e, rows.semantic_keys, rows.semantic_values))
         columns = reads.gather(torch.cat(tables, -1)) if tables else None  # (N, C, K, T)
-        if "visual" in self.experts:
+        if visual:
             mask = reads.valid & (entry_modality % 2 == 1)  # (N, C, K) entries with an image
             expert_scores["visual"], maps["visual"] = self.experts["visual"](
                 columns[..., :2], reads.bias, mask, e, reads)
             available.append(has_image & mask.any(-1))
             columns = columns[..., 2:]
+        elif "visual" in self.experts:  # no images at all: unavailable everywhere, weight exactly 0
+            expert_scores["visual"] = e.new_zeros(N, C)
+            maps["visual"] = e.new_zeros(reads.entries.shape)
+            available.append(torch.zeros(1, C, dtype=torch.bool, device=e.device))
         if "semantic" in self.experts:
             mask = reads.valid & (entry_modality >= 2)  # (N, C, K) entries with a text
             expert_scores["semantic"], maps["semantic"] = self.experts["semantic"](
@@ -303,7 +311,8 @@ class UR4Rec(nn.Module):
         C = reads.entries.size(1)
         outputs = {}
         if "visual" in self.experts:
-            outputs["visual"] = self.experts["visual"].outputs(maps["visual"], rows.visual_values, reads)
+            outputs["visual"] = self.experts["visual"].outputs(maps["visual"], rows.visual_values, reads) \
+                if self.has_images else e.new_zeros(1, 1, d)
         if "semantic" in self.experts:
             outputs["semantic"] = self.experts["semantic"].outputs(maps["semantic"], reads.rows(e),
                                                                    rows.semantic_values, reads)

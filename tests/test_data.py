@@ -6,7 +6,7 @@ import pytest
 
 from ur4rec.config import DataConfig
 from ur4rec.data import DataFormatError, DatasetNotFoundError, build_dataset, load_dataset, load_movielens, movielens
-from ur4rec.training.trainer import training_windows
+from ur4rec.training.trainer import shuffle_ties, training_windows
 
 GENRE_FLAGS = "|".join(["0"] * 19)
 
@@ -172,6 +172,22 @@ def test_shuffled_ties_keep_time_order_and_every_target(tmp_path):
     assert len(orders) == 20  # 10! orders: every epoch a different one
     inputs, _ = training_windows(dataset, max_len=50)
     assert raw(inputs[0][inputs[0] > 0]) == raw(fixed[:-1])  # no rng: the split's order
+
+
+def test_shuffle_ties_with_a_gap_reorders_only_within_runs():
+    # runs at gap 2: {a, b} at 0, {c, d} at 10 and 12, {e, f} at 30 and 31, {g} at 100
+    sequence, stamps = np.array(list("abcdefg")), np.array([0, 0, 10, 12, 30, 31, 100])
+    runs = [set("ab"), set("cd"), set("ef"), set("g")]
+    orders = {0: set(), 2: set()}
+    rng = np.random.default_rng(0)
+    for gap in orders:
+        for _ in range(50):
+            shuffled = "".join(shuffle_ties(sequence, stamps, rng, gap))
+            assert [set(shuffled[i:j]) for i, j in ((0, 2), (2, 4), (4, 6), (6, 7))] == runs
+            orders[gap].add(shuffled)
+    assert orders[0] == {"abcdefg", "bacdefg"}  # equal timestamps only
+    assert len(orders[2]) == 8  # every order of the three two-item runs
+    assert "".join(shuffle_ties(sequence, None, rng, 2)) == "abcdefg"  # no timestamps: no reordering
 
 
 def test_every_train_interaction_is_a_target_once(synthetic):

@@ -41,6 +41,11 @@ def test_stage1_reshuffles_ties_every_epoch_only_when_asked(smoke_config, synthe
     assert [bool(c) for c in calls] == ([True] * 3 if shuffle else [False])  # an rng each epoch, or none once
 
 
+def test_negative_tie_gap_is_refused(smoke_config, synthetic, tmp_path):
+    with pytest.raises(ValueError, match="train.tie_gap must be 0 or more"):
+        run_stage1(smoke_config.override(["train.tie_gap=-1"]), synthetic, tmp_path)
+
+
 @pytest.mark.parametrize("loss", ["ce", "bpr", "bce"])
 def test_stage1_learns_the_planted_structure(smoke_config, synthetic, tmp_path, loss):
     config = smoke_config.override([f"train.loss={loss}", "train.num_negatives=4"])

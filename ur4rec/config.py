@@ -69,6 +69,10 @@ class TrainConfig:
         True, "stage 1: each epoch, put train items that share a timestamp in a fresh random order "
         "(their order is not data); false = always the split's tie-break order"
     )
+    tie_gap: int = option(
+        0, "stage 1, with shuffle_ties: items at most this many seconds after the previous one count as tied too "
+        "(0 = equal timestamps only)"
+    )
     grad_clip: float = option(1.0, "clip the gradient norm to this value (0 = off)")
     patience: int = option(10, "stop after this many epochs without a better validation metric")
     eval_every: int = option(1, "evaluate on validation every N epochs")

@@ -42,24 +42,31 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; the message names the term, epoch and step."""
 
 
-def shuffle_ties(sequence: np.ndarray, timestamps: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
-    """``sequence`` (in time order) with the items of each equal-timestamp run in random order."""
+def shuffle_ties(sequence: np.ndarray, timestamps: np.ndarray | None, rng: np.random.Generator,
+                 gap: int = 0) -> np.ndarray:
+    """``sequence`` (in time order) with the items of each tied run in random order.
+
+    A run is a maximal stretch of items each at most ``gap`` seconds after the one before it;
+    ``gap = 0``: items with equal timestamps.
+    """
     if timestamps is None:
         return sequence
-    return sequence[np.lexsort((rng.random(len(sequence)), timestamps))]
+    runs = np.concatenate([[0], np.cumsum(np.diff(timestamps) > gap)])  # run id of each item, in time order
+    return sequence[np.lexsort((rng.random(len(sequence)), runs))]
 
 
 def training_windows(dataset: SequenceDataset, max_len: int,
-                     rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     rng: np.random.Generator | None = None, tie_gap: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(W, max_len) left-padded inputs and targets covering every train interaction once.
 
-    With ``rng``, each user's items that share a timestamp are first shuffled (:func:`shuffle_ties`).
+    With ``rng``, each user's tied items (at most ``tie_gap`` seconds apart) are first
+    shuffled (:func:`shuffle_ties`).
     """
     inputs, targets = [], []
     for user in range(dataset.n_users):
         sequence = dataset.train_sequence(user)
         if rng is not None:
-            sequence = shuffle_ties(sequence, dataset.train_timestamps(user), rng)
+            sequence = shuffle_ties(sequence, dataset.train_timestamps(user), rng, tie_gap)
         x, y = sequence[:-1], sequence[1:]
         for end in range(len(y), 0, -max_len):
             start = max(0, end - max_len)
@@ -157,6 +164,8 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
     """Train SASRec to early stopping, keep the best checkpoint, evaluate it, write the stage."""
     if config.train.loss not in LOSSES:
         raise ValueError(f"train.loss must be one of {LOSSES}, got {config.train.loss!r}")
+    if config.train.tie_gap < 0:
+        raise ValueError(f"train.tie_gap must be 0 or more seconds, got {config.train.tie_gap}")
     if not 0.0 <= config.train.label_smoothing < 1.0:
         raise ValueError(f"train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}")
     set_threads(config)
@@ -180,7 +189,7 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
     bar = tqdm(range(1, config.train.epochs + 1), desc="stage 1", unit="epoch", disable=not config.train.progress)
     for epoch in bar:
         start = time.perf_counter()
-        inputs, targets = fixed_windows or training_windows(dataset, config.data.max_len, rng)
+        inputs, targets = fixed_windows or training_windows(dataset, config.data.max_len, rng, config.train.tie_gap)
         train_loss = train_epoch(model, optimizer, inputs, targets, config, rng, generator, epoch)
         epoch_seconds.append(time.perf_counter() - start)
         record = {"epoch": epoch, "seconds": round(epoch_seconds[-1], 4), "train_loss": train_loss,

@@ -9,7 +9,9 @@ are shuffled. Padded targets (id 0) are outside the loss.
 Items that share a timestamp have no order in the data (half of ML-100K's consecutive pairs:
 users rated many films in the same second), so with ``train.shuffle_ties`` each epoch puts
 them in a fresh random order (:func:`shuffle_ties`) instead of always training on the split's
-fixed tie-break order. Validation and test inputs keep the split's order.
+fixed tie-break order. ``train.tie_gap`` widens "tied" to items at most that many seconds
+after the one before them (ML-100K's config uses 60: most users rated in one sitting).
+Validation and test inputs keep the split's order.
 
 After each evaluation the best model (validation ``eval.select_metric``, full ranking) is
 written to ``RUN/stage1/``; a non-finite loss stops the run with :class:`NonFiniteLossError`

@@ -229,8 +229,8 @@ def test_three_stages_write_the_run_directory(setup, three_stages):
     run, results = three_stages
     for stage in (2, 3):
         folder = run / f"stage{stage}"
-        for name in ["model.safetensors", "checkpoint.json", "log.jsonl", "metrics.json", "test_ranks.csv",
-                     "internals/router_weights.csv", "internals/expert_contributions.csv", "internals/gate.json",
+        for name in ["model.safetensors", "checkpoint.json", "log.jsonl", "metrics.json", "valid_ranks.csv",
+                     "test_ranks.csv", "internals/router_weights.csv", "internals/expert_contributions.csv", "internals/gate.json",
                      "internals/attention.npz"]:
             assert (folder / name).exists(), f"stage{stage}/{name}"
         info = json.loads((folder / "checkpoint.json").read_text())

@@ -118,15 +118,24 @@ def test_cli_train_and_evaluate_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "SASRec (stage 1)" in out and str(run_dir.resolve()) in out
     for name in ["config.yaml", "data.json", "stage1/model.safetensors", "stage1/checkpoint.json",
-                 "stage1/log.jsonl", "stage1/metrics.json", "stage1/test_ranks.csv", "baselines/pop/metrics.json"]:
+                 "stage1/log.jsonl", "stage1/metrics.json", "stage1/valid_ranks.csv", "stage1/test_ranks.csv",
+                 "baselines/pop/metrics.json"]:
         assert (run_dir / name).exists(), name
     metrics = json.loads((run_dir / "stage1/metrics.json").read_text())
     assert set(metrics) == {"valid", "test"} and set(metrics["test"]) == {"full", "sampled"}
     assert {"hr@10", "ndcg@10", "mrr"} <= set(metrics["test"]["full"])
-    ranks = (run_dir / "stage1/test_ranks.csv").read_text().splitlines()
-    assert ranks[0] == "user_id,target_item,rank_full,rank_sampled"
-    rank_full = np.array([int(line.split(",")[2]) for line in ranks[1:]])
-    assert metrics["test"]["full"]["hr@10"] == pytest.approx(float((rank_full <= 10).mean()))
+    targets = {}
+    for split in ("valid", "test"):  # every split's metrics recompute from its ranks file
+        ranks = (run_dir / f"stage1/{split}_ranks.csv").read_text().splitlines()
+        assert ranks[0] == "user_id,target_item,rank_full,rank_sampled"
+        rows = [line.split(",") for line in ranks[1:]]
+        targets[split] = [row[1] for row in rows]
+        rank_full = np.array([int(row[2]) for row in rows])
+        rank_sampled = np.array([int(row[3]) for row in rows])
+        assert metrics[split]["full"]["hr@10"] == pytest.approx(float((rank_full <= 10).mean()))
+        assert metrics[split]["sampled"]["ndcg@10"] == pytest.approx(
+            float(np.where(rank_sampled <= 10, 1.0 / np.log2(rank_sampled + 1), 0.0).mean()))
+    assert targets["valid"] != targets["test"]
     assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "1"]) == 0
     assert "every metric matches" in capsys.readouterr().out
     # a tampered metrics.json is caught

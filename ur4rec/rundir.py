@@ -9,6 +9,7 @@
     RUN/stageN/log.jsonl             one line per epoch: epoch, seconds, train_loss, lr, valid
     RUN/stageN/metrics.json          {"valid"|"test": {"full"|"sampled": {"hr@10": ...}}}
     RUN/stageN/test_ranks.csv        user_id,target_item,rank_full,rank_sampled (1-based)
+    RUN/stageN/valid_ranks.csv       the same for the validation item
     RUN/baselines/pop/metrics.json   the Pop baseline in the same harness
 """
 
@@ -54,9 +55,10 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2))
 
 
-def write_test_ranks(path: Path, dataset: SequenceDataset, rank_full: np.ndarray, rank_sampled: np.ndarray) -> None:
-    """user_id,target_item,rank_full,rank_sampled with raw dataset ids and 1-based ranks."""
-    targets = dataset.target("test")
+def write_ranks(path: Path, dataset: SequenceDataset, split: str, rank_full: np.ndarray,
+                rank_sampled: np.ndarray) -> None:
+    """user_id,target_item,rank_full,rank_sampled of ``split`` with raw dataset ids and 1-based ranks."""
+    targets = dataset.target(split)
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["user_id", "target_item", "rank_full", "rank_sampled"])

@@ -19,7 +19,7 @@ the group present in both, same shapes), reports missing/unexpected keys per gro
 raises when a required group did not load. No ``strict=False``.
 
 :func:`train_stage` writes ``RUN/stageN/`` like Stage 1 does (model.safetensors,
-checkpoint.json, log.jsonl, metrics.json, test_ranks.csv) plus ``internals/`` for the app.
+checkpoint.json, log.jsonl, metrics.json, valid_ranks.csv, test_ranks.csv) plus ``internals/`` for the app.
 Epoch 0 is the loaded model: its validation metric is the value to beat, and ``checkpoint.json``
 says ``"epoch": 0`` when no epoch beat it. Training rows are ``moe.rows_per_window`` target
 positions of each Stage-1 window, drawn at random each epoch, scored against the target, the
@@ -58,7 +58,7 @@ from ur4rec.models.losses import sample_negatives as sample_training_negatives
 from ur4rec.models.memory import UserMemory, build_memory, combined_item_features, empty_memory
 from ur4rec.models.scoring import score
 from ur4rec.models.ur4rec_model import EXPERTS, UR4Rec
-from ur4rec.rundir import append_log, stage_dir, write_json, write_test_ranks
+from ur4rec.rundir import append_log, stage_dir, write_json, write_ranks
 from ur4rec.training.checkpoint import CheckpointError, read_checkpoint_info, save_checkpoint
 from ur4rec.training.trainer import (
     NonFiniteLossError,
@@ -560,8 +560,9 @@ def evaluate_multimodal_stage(run_dir: Path, dataset: SequenceDataset, features,
         metrics[split] = results[split][1].metrics
     if write:
         write_json(out / "metrics.json", metrics)
+        for split, (_, result) in results.items():
+            write_ranks(out / f"{split}_ranks.csv", dataset, split, result.rank_full, result.rank_sampled)
         inputs, test = results["test"]
-        write_test_ranks(out / "test_ranks.csv", dataset, test.rank_full, test.rank_sampled)
         write_internals(out / "internals", model, dataset, inputs, test.rank_full, config)
     return metrics
 

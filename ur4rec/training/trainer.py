@@ -36,7 +36,7 @@ from ur4rec.models.losses import LOSSES, recommendation_loss
 from ur4rec.models.losses import sample_negatives as sample_training_negatives
 from ur4rec.precision import autocast as precision_autocast
 from ur4rec.precision import resolve_precision
-from ur4rec.rundir import append_log, stage_dir, write_json, write_test_ranks
+from ur4rec.rundir import append_log, stage_dir, write_json, write_ranks
 from ur4rec.training.checkpoint import build_model, load_model, save_checkpoint
 
 
@@ -234,13 +234,13 @@ def evaluate_stage(run_dir: Path, dataset: SequenceDataset, config: Config, stag
     model, _ = load_model(out, fingerprint=dataset.fingerprint)
     model.to(config.train.device)
     negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
-    metrics, test = {}, None
+    metrics, results = {}, {}
     for split in ("valid", "test"):
         inputs: EvalInputs = build_eval_inputs(dataset, split, config.data.max_len, negatives)
-        result = evaluate(model, inputs, config.eval, config.train.device)
-        metrics[split] = result.metrics
-        test = result
+        results[split] = evaluate(model, inputs, config.eval, config.train.device)
+        metrics[split] = results[split].metrics
     if write:
         write_json(out / "metrics.json", metrics)
-        write_test_ranks(out / "test_ranks.csv", dataset, test.rank_full, test.rank_sampled)
+        for split, result in results.items():
+            write_ranks(out / f"{split}_ranks.csv", dataset, split, result.rank_full, result.rank_sampled)
     return metrics

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ur4rec.evaluation.metrics import metrics_from_ranks, rank_of_target
+from ur4rec.evaluation.metrics import metrics_from_ranks, paired_difference, rank_of_target
 
 
 def test_metrics_hand_computed():
@@ -47,3 +47,15 @@ def test_metrics_reject_bad_ranks():
         metrics_from_ranks(np.array([0, 2]))
     with pytest.raises(ValueError):
         metrics_from_ranks(np.array([]))
+
+
+def test_paired_difference_averages_seeds_per_user_then_differences():
+    # NDCG@10 per user: rank 1 -> 1, rank 3 -> 0.5, rank 20 -> 0
+    a = [np.array([1, 20, 3]), np.array([1, 20, 1])]  # per-user means 1, 0, 0.75
+    b = [np.array([3, 1, 3]), np.array([1, 1, 3])]  # per-user means 0.75, 1, 0.5
+    difference, error = paired_difference(a, b)  # differences -0.25, 1, -0.25
+    assert difference == pytest.approx(0.5 / 3)
+    assert error == pytest.approx(math.sqrt((2 * (0.25 + 0.5 / 3) ** 2 + (1 - 0.5 / 3) ** 2) / 2) / math.sqrt(3))
+    assert paired_difference(a, a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same two or more users"):
+        paired_difference(a, [np.array([1, 2])])

@@ -48,3 +48,25 @@ def metrics_from_ranks(ranks: np.ndarray, ks: list[int] | tuple[int, ...] = (5, 
     result["mrr"] = float((1.0 / ranks).mean())
     result["mean_rank"] = float(ranks.mean())
     return result
+
+
+def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """(U,) NDCG@k of each user's held-out item from its 1-based rank."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
+def paired_difference(ranks_a: list[np.ndarray], ranks_b: list[np.ndarray], k: int = 10) -> tuple[float, float]:
+    """Mean NDCG@k of B minus A, and its standard error over users.
+
+    ``ranks_a`` and ``ranks_b`` are one (U,) rank array per seed, the same users in the same
+    order. Each user's NDCG@k is averaged over the seeds first, so the error is that of the
+    user sample (943 users on ML-100K), the noise a comparison on one validation set carries;
+    seed noise is in it too, since each user's mean over seeds still varies with the seeds.
+    """
+    a = np.mean([ndcg_per_user(r, k) for r in ranks_a], axis=0)
+    b = np.mean([ndcg_per_user(r, k) for r in ranks_b], axis=0)
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError(f"need the same two or more users on both sides, got {a.shape} and {b.shape}")
+    difference = b - a
+    return float(difference.mean()), float(difference.std(ddof=1) / np.sqrt(difference.size))

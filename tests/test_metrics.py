@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ur4rec.evaluation.metrics import metrics_from_ranks, paired_difference, rank_of_target
+from ur4rec.evaluation.metrics import metrics_from_ranks, paired_difference, per_user, rank_of_target
 
 
 def test_metrics_hand_computed():
@@ -59,3 +59,12 @@ def test_paired_difference_averages_seeds_per_user_then_differences():
     assert paired_difference(a, a) == (0.0, 0.0)
     with pytest.raises(ValueError, match="same two or more users"):
         paired_difference(a, [np.array([1, 2])])
+
+
+def test_per_user_values_average_to_the_metrics():
+    ranks = np.array([1, 2, 7, 10, 11, 400])
+    summary = metrics_from_ranks(ranks, ks=(10,))
+    for metric in ("hr@10", "ndcg@10", "mrr"):
+        assert per_user(ranks, metric).mean() == pytest.approx(summary[metric])
+    with pytest.raises(ValueError, match="hr@k, ndcg@k or mrr"):
+        per_user(ranks, "ndcg")

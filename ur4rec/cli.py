@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args) or 0
-    except (ConfigError, DataFormatError, DatasetNotFoundError, CheckpointError, RunDirError, ValueError) as error:
+    except (ConfigError, DataFormatError, DatasetNotFoundError, CheckpointError, RunDirError, ValueError,
+            FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -68,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run-dir", required=True, type=Path, help="run directory to read")
     evaluate.add_argument("--stage", type=int, default=1, help="stage to evaluate")
     evaluate.set_defaults(handler=command_evaluate)
+
+    compare = commands.add_parser("compare", help="paired difference of two sets of runs, user by user, from "
+                                                  "their saved ranks (validation and test)")
+    compare.add_argument("--base", nargs="+", required=True, type=Path, metavar="STAGE_DIR",
+                         help="stage directories of the reference, one per seed, e.g. runs/s0/stage1")
+    compare.add_argument("--variant", nargs="+", required=True, type=Path, metavar="STAGE_DIR",
+                         help="stage directories of what is compared with it, one per seed")
+    compare.add_argument("--metrics", default="ndcg@10,hr@10", help="comma-separated: hr@k, ndcg@k, mrr")
+    compare.set_defaults(handler=command_compare)
 
     from ur4rec.features.cli import register as register_feature_commands
     from ur4rec.text.cli import register as register_text_commands
@@ -206,6 +216,20 @@ def command_evaluate(args) -> int:
         print("metrics differ from metrics.json:\n  " + "\n  ".join(differences), file=sys.stderr)
         return 1
     print(f"reproduced {saved_path}: every metric matches")
+    return 0
+
+
+def command_compare(args) -> int:
+    from ur4rec.evaluation.compare import compare
+
+    rows = compare(args.base, args.variant, tuple(args.metrics.split(",")))
+    print(f"{len(args.base)} base run(s) against {len(args.variant)} variant run(s); each user's value is "
+          f"averaged over a side's runs, then differenced (full ranking, {rows[0]['users']} users)")
+    print(f"{'split':<6} {'metric':<8} {'base':>8} {'variant':>8} {'difference':>11} {'paired SE':>10} {'diff/SE':>8}")
+    for row in rows:
+        ratio = row["difference"] / row["standard_error"] if row["standard_error"] > 0 else float("nan")
+        print(f"{row['split']:<6} {row['metric']:<8} {row['base']:>8.4f} {row['variant']:>8.4f} "
+              f"{row['difference']:>+11.4f} {row['standard_error']:>10.4f} {ratio:>8.1f}")
     return 0
 
 

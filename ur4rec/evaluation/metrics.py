@@ -50,22 +50,28 @@ def metrics_from_ranks(ranks: np.ndarray, ks: list[int] | tuple[int, ...] = (5, 
     return result
 
 
-def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
-    """(U,) NDCG@k of each user's held-out item from its 1-based rank."""
+def per_user(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """(U,) value of ``metric`` (``hr@k``, ``ndcg@k`` or ``mrr``) for each user's 1-based rank."""
     ranks = np.asarray(ranks, dtype=np.float64)
-    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+    name, _, k = metric.partition("@")
+    if metric == "mrr":
+        return 1.0 / ranks
+    if name in ("hr", "ndcg") and k.isdigit():
+        hit = ranks <= int(k)
+        return hit.astype(np.float64) if name == "hr" else np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0)
+    raise ValueError(f"metric {metric!r}: expected hr@k, ndcg@k or mrr")
 
 
-def paired_difference(ranks_a: list[np.ndarray], ranks_b: list[np.ndarray], k: int = 10) -> tuple[float, float]:
-    """Mean NDCG@k of B minus A, and its standard error over users.
+def paired_difference(ranks_a: list[np.ndarray], ranks_b: list[np.ndarray], metric: str = "ndcg@10") -> tuple[float, float]:
+    """Mean ``metric`` of B minus A, and its standard error over users.
 
     ``ranks_a`` and ``ranks_b`` are one (U,) rank array per seed, the same users in the same
-    order. Each user's NDCG@k is averaged over the seeds first, so the error is that of the
+    order. Each user's value is averaged over the seeds first, so the error is that of the
     user sample (943 users on ML-100K), the noise a comparison on one validation set carries;
     seed noise is in it too, since each user's mean over seeds still varies with the seeds.
     """
-    a = np.mean([ndcg_per_user(r, k) for r in ranks_a], axis=0)
-    b = np.mean([ndcg_per_user(r, k) for r in ranks_b], axis=0)
+    a = np.mean([per_user(r, metric) for r in ranks_a], axis=0)
+    b = np.mean([per_user(r, metric) for r in ranks_b], axis=0)
     if a.shape != b.shape or a.size < 2:
         raise ValueError(f"need the same two or more users on both sides, got {a.shape} and {b.shape}")
     difference = b - a

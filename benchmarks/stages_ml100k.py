@@ -4,8 +4,10 @@
 
 Per seed: Stage 1 (SASRec) to early stopping, then Stages 2-3 of each ablation variant from
 that Stage-1 checkpoint (`ur4rec.training.ablate`), all chosen by validation NDCG@10 only.
-Prints test metrics (full and sampled), epoch time of each stage, and the time of one
-full-ranking evaluation of all users by the Stage-3 model ("full" variant).
+Prints test metrics (full and sampled), epoch time of each stage, the time of one
+full-ranking evaluation of all users by the Stage-3 model ("full" variant), and each model's
+difference from Stage 1 paired over users (each user's NDCG@10 averaged over the seeds) with its
+standard error, on validation and test.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ur4rec.config import Config  # noqa: E402
 from ur4rec.data import load_dataset  # noqa: E402
 from ur4rec.evaluation import build_eval_inputs, evaluate, sample_negatives  # noqa: E402
+from ur4rec.evaluation.compare import compare  # noqa: E402
 from ur4rec.features import build_features  # noqa: E402
 from ur4rec.rundir import prepare_run, stage_dir  # noqa: E402
 from ur4rec.training.ablate import run_ablations  # noqa: E402
@@ -54,6 +57,7 @@ def main() -> None:
     table: dict[str, dict[tuple, list[float]]] = {}
     seconds: dict[str, list[float]] = {}
     eval_seconds = []
+    stage_dirs: dict[str, list[Path]] = {}  # model -> its stage directory per seed, for paired differences
     with tempfile.TemporaryDirectory() as scratch:
         for seed in [int(s) for s in args.seeds.split(",")]:
             config = base.override([f"train.seed={seed}"])
@@ -65,6 +69,7 @@ def main() -> None:
             for key in COLUMNS:
                 row.setdefault(key, []).append(stage1.metrics[key[0]][key[1]][key[2]])
             seconds.setdefault("stage 1", []).append(stage1.seconds_per_epoch)
+            stage_dirs.setdefault("stage 1 (SASRec)", []).append(stage_dir(run_dir, 1))
             rows = run_ablations(config, dataset, features, run_dir, args.only.split(",") if args.only else None)
             for ablation in rows:
                 name = "stage 3 (UR4Rec)" if ablation["variant"] == "full" else f"  ablation {ablation['variant']}"
@@ -72,8 +77,10 @@ def main() -> None:
                 for key in COLUMNS:
                     row.setdefault(key, []).append(ablation[f"{key[0]}_{key[1]}_{key[2]}"])
                 seconds.setdefault(f"stage 3 {ablation['variant']}", []).append(ablation["seconds_per_epoch"])
+                stage_dirs.setdefault(name, []).append(stage_dir(run_dir / "ablations" / ablation["variant"], 3))
                 if ablation["variant"] == "full":
                     full_dir = run_dir / "ablations" / "full"
+                    stage_dirs.setdefault("stage 2", []).append(stage_dir(full_dir, 2))
                     stage2 = json.loads((stage_dir(full_dir, 2) / "metrics.json").read_text())
                     row = table.setdefault("stage 2", {})
                     for key in COLUMNS:
@@ -89,6 +96,18 @@ def main() -> None:
                     eval_seconds.append(time.perf_counter() - start)
             print(f"seed {seed} done", flush=True)
             print_table(table, seconds, eval_seconds, dataset.n_users)
+            print_paired(stage_dirs)
+
+
+def print_paired(stage_dirs: dict[str, list[Path]]) -> None:
+    """Each model minus Stage 1, NDCG@10 paired over users, ± the standard error of that difference."""
+    print("\nagainst Stage 1, paired over users (NDCG@10 difference ± standard error):")
+    reference = stage_dirs["stage 1 (SASRec)"]
+    for name, folders in stage_dirs.items():
+        if name != "stage 1 (SASRec)":
+            rows = compare(reference, folders, ("ndcg@10",))
+            print(f"  {name.strip():<28} " + "  ".join(
+                f"{row['split']} {row['difference']:+.4f} ± {row['standard_error']:.4f}" for row in rows), flush=True)
 
 
 def print_table(table, seconds, eval_seconds, n_users) -> None:

@@ -18,7 +18,6 @@ NDCG@10 0.111. pmixer SASRec.pytorch (BCE): 1.3-4.5 s/epoch, test HR@10 0.187 / 
 from __future__ import annotations
 
 import argparse
-import csv
 import resource
 import statistics
 import sys
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ur4rec.config import Config  # noqa: E402
 from ur4rec.data import load_dataset  # noqa: E402
 from ur4rec.evaluation import build_eval_inputs, evaluate, paired_difference, sample_negatives  # noqa: E402
+from ur4rec.evaluation.compare import read_ranks  # noqa: E402
 from ur4rec.rundir import prepare_run, stage_dir  # noqa: E402
 from ur4rec.training.checkpoint import load_model  # noqa: E402
 from ur4rec.training.trainer import train_stage1  # noqa: E402
@@ -64,11 +64,6 @@ def choose(rows, valid: dict[str, float], valid_ranks: dict[str, list]):
     if gain <= 2 * error:
         return next(row for row in rows if row[0] == "base"), why + ": within two errors, base kept"
     return best, why + ": more than two errors"
-
-
-def read_valid_ranks(stage: Path) -> list[int]:
-    with open(stage / "valid_ranks.csv", newline="") as handle:
-        return [int(row["rank_full"]) for row in csv.DictReader(handle)]
 
 
 def mean(results, *keys) -> float:
@@ -109,7 +104,7 @@ def main() -> None:
                 run_dir = Path(scratch) / f"{name}_seed{seed}"
                 prepare_run(run_dir, config, dataset)
                 result = train_stage1(config, dataset, run_dir)
-                valid_ranks[name].append(read_valid_ranks(stage_dir(run_dir, 1)))
+                valid_ranks[name].append(read_ranks(stage_dir(run_dir, 1), "valid")[1])
                 model, _ = load_model(stage_dir(run_dir, 1))
                 negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
                 inputs = build_eval_inputs(dataset, "test", config.data.max_len, negatives)

@@ -42,10 +42,9 @@ def metrics_from_ranks(ranks: np.ndarray, ks: list[int] | tuple[int, ...] = (5, 
         raise ValueError("ranks are 1-based; found a rank below 1")
     result: dict[str, float] = {}
     for k in ks:
-        hit = ranks <= k
-        result[f"hr@{k}"] = float(hit.mean())
-        result[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0).mean())
-    result["mrr"] = float((1.0 / ranks).mean())
+        for name in ("hr", "ndcg"):
+            result[f"{name}@{k}"] = float(per_user(ranks, f"{name}@{k}").mean())
+    result["mrr"] = float(per_user(ranks, "mrr").mean())
     result["mean_rank"] = float(ranks.mean())
     return result
 

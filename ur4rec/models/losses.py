@@ -34,7 +34,7 @@ class _FullSoftmaxCrossEntropy(torch.autograd.Function):
     products), so the (N, V) logits never exist whole. On ML-100K a batch's logits are about
     30 MB; in chunks of a few hundred rows they stay in cache, and the separate log-softmax,
     its backward and the zero fills of ``F.cross_entropy`` (a quarter of a CPU training epoch
-    in fp32, profile in README Results) become one pass. Not twice differentiable.
+    in fp32, profile in docs/experiments.md) become one pass. Not twice differentiable.
     """
 
     @staticmethod

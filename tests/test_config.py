@@ -17,6 +17,8 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
         Config.load(tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match="unknown key 'trainer'"):
         Config.from_dict({"trainer": {}})
+    with pytest.raises(ConfigError, match="unknown keys 'dropuot', 'layers'"):  # every unknown key, not the first
+        Config.from_dict({"model": {"layers": 3, "dropuot": 0.3}})
 
 
 def test_wrong_type_is_an_error():

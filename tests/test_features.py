@@ -36,6 +36,7 @@ def private_cache(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- semantic encoder
 
 
+@pytest.mark.slow
 def test_bundled_minilm_encodes_offline_to_384_d_unit_vectors():
     encoder = semantic.load_text_encoder("all-MiniLM-L6-v2", batch_size=4, precision="fp32")
     vectors = encoder.encode(["A heist film.", "A bank robbery thriller.", "A cartoon about toys."])
@@ -216,6 +217,7 @@ def test_quality_lift_on_known_cases(synthetic):
 # ---------------------------------------------------------------- command line
 
 
+@pytest.mark.slow
 def test_cli_features_text_and_quality(tmp_path, capsys):
     run = tmp_path / "run"
     smoke = ["--config", "configs/smoke.yaml", "--run-dir", str(run), "--set", "train.progress=false"]

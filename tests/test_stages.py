@@ -236,7 +236,11 @@ def test_three_stages_write_the_run_directory(setup, three_stages):
         info = json.loads((folder / "checkpoint.json").read_text())
         assert info["stage"] == stage and info["skipped"] == [] and info["loaded_from"]["stage"] == stage - 1
         log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-        assert all({"gate", "losses", "train_loss", "valid"} <= set(r) for r in log)
+        assert all({"epoch", "seconds", "gate", "losses", "train_loss", "valid"} <= set(r) for r in log)
+        assert all("ndcg@10" in r["valid"]["full"] for r in log)
+        for split in ("valid", "test"):
+            header = (folder / f"{split}_ranks.csv").read_text().splitlines()[0]
+            assert header == "user_id,target_item,rank_full,rank_sampled"
         assert {"recommendation", "alignment"} <= set(log[0]["losses"])
         gates = json.loads((folder / "internals/gate.json").read_text())["gate"]
         assert [g["epoch"] for g in gates] == list(range(len(log) + 1))

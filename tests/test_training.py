@@ -157,13 +157,16 @@ def test_cli_reports_bad_config_clearly(tmp_path, capsys):
 
 
 
+@pytest.mark.slow
 def test_cli_stages_and_ablations(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("UR4REC_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
     common = ["--config", str(ROOT / "configs/smoke.yaml"), "--set", "train.progress=false",
               "--set", "train.epochs=3", "--set", "moe.stage_epochs=2"]
     assert main(["train", *common, "--stage", "3", "--run-dir", str(run_dir)]) == 2
-    assert "stage" in capsys.readouterr().err.lower()  # Stage 3 refused: no Stage 1/2 checkpoint
+    err = capsys.readouterr().err
+    assert "stage3 needs a valid stage-2 checkpoint" in err and "--skip-stage2" in err
+    assert not (run_dir / "texts").exists() and not (run_dir / "features").exists()  # refused before building features
     assert main(["train", *common, "--stages", "1,2,3", "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "UR4Rec (stage 3)" in out
@@ -176,6 +179,23 @@ def test_cli_stages_and_ablations(tmp_path, capsys, monkeypatch):
     assert main(["ablate", *common, "--run-dir", str(run_dir), "--only", "gate_off,skip_stage2"]) == 0
     rows = (run_dir / "ablations.csv").read_text().splitlines()
     assert rows[0].startswith("variant,") and [r.split(",")[0] for r in rows[1:]] == ["gate_off", "skip_stage2"]
+    assert main(["ablate", *common, "--run-dir", str(run_dir), "--only", "no_memroy"]) == 2
+    assert "unknown ablation 'no_memroy'" in capsys.readouterr().err
+    assert main(["ablate", *common, "--run-dir", str(run_dir), "--only", "no_memory"]) == 0
+    rows = (run_dir / "ablations.csv").read_text().splitlines()  # a later run adds its rows, in the variants' order
+    assert [r.split(",")[0] for r in rows[1:]] == ["no_memory", "gate_off", "skip_stage2"]
     info = json.loads((run_dir / "ablations/skip_stage2/stage3/checkpoint.json").read_text())
     assert info["skipped"] == ["stage2"]
 
+
+def test_ablation_table_keeps_only_rows_from_the_same_stage1(tmp_path):
+    from ur4rec.training.ablate import write_rows
+
+    path, order = tmp_path / "ablations.csv", ["full", "gate_off", "skip_stage2"]
+    write_rows(path, [{"variant": "gate_off", "stage1_sha256": "a", "test": 0.1}], order)
+    write_rows(path, [{"variant": "full", "stage1_sha256": "a", "test": 0.2}], order)
+    lines = path.read_text().splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == ["full", "gate_off"]
+    with pytest.warns(UserWarning, match="dropped the rows of full, gate_off"):
+        write_rows(path, [{"variant": "skip_stage2", "stage1_sha256": "b", "test": 0.3}], order)
+    assert path.read_text().splitlines()[1:] == ["skip_stage2,b,0.3"]

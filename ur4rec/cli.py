@@ -144,6 +144,10 @@ def command_train(args) -> int:
     print(f"{dataset.name}: {dataset.n_users} users, {dataset.n_items} items, "
           f"{dataset.n_interactions} interactions (fingerprint {dataset.fingerprint}, {dataset.source})")
     rows, features = {}, None
+    if stages[0] > 1:  # refuse before building features (minutes on ML-100K) when the previous stage is missing
+        from ur4rec.training.stages import check_previous_stage, stage_spec
+
+        check_previous_stage(run_dir, stage_spec(stages[0], args.skip_stage2), dataset.fingerprint, args.skip_stage2)
     for stage in stages:
         if stage == 1:
             result = train_stage1(config, dataset, run_dir)
@@ -171,12 +175,13 @@ def command_train(args) -> int:
 
 def command_ablate(args) -> int:
     from ur4rec.features import build_features
-    from ur4rec.training.ablate import run_ablations
+    from ur4rec.training.ablate import run_ablations, select_variants
 
     config = _load_config(args)
+    only = args.only.split(",") if args.only else None
+    select_variants(config, only)  # an unknown name fails here, before features are built
     dataset = load_dataset(config.data)
     features = build_features(config, dataset, args.run_dir, progress=config.train.progress)
-    only = args.only.split(",") if args.only else None
     rows = run_ablations(config, dataset, features, args.run_dir, only)
     print(f"\n{'variant':<16} {'valid ndcg@10':>14} {'test hr@10':>11} {'test ndcg@10':>13}")
     for row in rows:

@@ -248,8 +248,9 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
+        names = ", ".join(repr(name) for name in unknown)
         raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r} in section {cls.__name__} "
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {names} in section {cls.__name__} "
             f"(known keys: {', '.join(sorted(known))})"
         )
     values = {}

@@ -2,13 +2,18 @@
 
 Every variant starts from the same Stage-1 checkpoint (``RUN/stage1``, trained once), trains
 Stages 2 and 3 into ``RUN/ablations/<variant>/`` and is evaluated in the same harness;
-``RUN/ablations.csv`` gets one row per variant with validation and test metrics.
+``RUN/ablations.csv`` gets one row per variant with validation and test metrics and the hash of
+the Stage-1 weights it started from. A later run of some variants (``only``) replaces their
+rows and keeps the others that started from the same Stage 1; rows from another Stage 1 are
+dropped with a warning.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import shutil
+import warnings
 from pathlib import Path
 
 from ur4rec.config import Config
@@ -32,16 +37,26 @@ def ablation_variants(config: Config) -> dict[str, tuple[list[str], bool]]:
     return variants
 
 
+def select_variants(config: Config, only: list[str] | None = None) -> dict[str, tuple[list[str], bool]]:
+    """The variants named in ``only`` (all when None); an unknown name is an error listing the known ones."""
+    variants = ablation_variants(config)
+    unknown = [name for name in only or [] if name not in variants]
+    if unknown:
+        raise ValueError(f"unknown ablation {', '.join(map(repr, unknown))}; the variants are: {', '.join(variants)}")
+    return {name: spec for name, spec in variants.items() if not only or name in only}
+
+
 def run_ablations(config: Config, dataset: SequenceDataset, features, run_dir: Path,
                   only: list[str] | None = None) -> list[dict]:
     run_dir = Path(run_dir)
     stage1 = stage_dir(run_dir, 1)
     if not (stage1 / "checkpoint.json").exists():
         raise FileNotFoundError(f"{stage1} has no checkpoint: run `ur4rec train --stage 1 --run-dir {run_dir}` first")
+    order = list(ablation_variants(config))
+    table = run_dir / "ablations.csv"
+    stage1_hash = hashlib.sha256((stage1 / "model.safetensors").read_bytes()).hexdigest()[:16]
     rows = []
-    for name, (overrides, skip_stage2) in ablation_variants(config).items():
-        if only and name not in only:
-            continue
+    for name, (overrides, skip_stage2) in select_variants(config, only).items():
         variant_config = config.override(overrides) if overrides else config
         variant_dir = run_dir / "ablations" / name
         prepare_run(variant_dir, variant_config, dataset)
@@ -50,19 +65,33 @@ def run_ablations(config: Config, dataset: SequenceDataset, features, run_dir: P
         result = None
         for stage in stages:
             result = train_stage(variant_config, dataset, features, variant_dir, stage, skip_stage2=skip_stage2)
-        row = {"variant": name, "overrides": " ".join(overrides) or "-", "skip_stage2": skip_stage2,
+        row = {"variant": name, "stage1_sha256": stage1_hash, "overrides": " ".join(overrides) or "-",
+               "skip_stage2": skip_stage2,
                "best_epoch": result.best_epoch, "seconds_per_epoch": round(result.seconds_per_epoch, 3)}
         for split in ("valid", "test"):
             for protocol in ("full", "sampled"):
                 for metric in METRICS:
                     row[f"{split}_{protocol}_{metric}"] = result.metrics[split][protocol][metric]
         rows.append(row)
-        write_rows(run_dir / "ablations.csv", rows)
+        write_rows(table, rows, order)
     return rows
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
+def write_rows(path: Path, rows: list[dict], order: list[str]) -> None:
+    """Write ``rows`` into the table at ``path``, keeping other variants' rows from the same Stage 1."""
+    kept = {}
+    if path.exists():
+        with open(path, newline="") as handle:
+            old = list(csv.DictReader(handle))
+        stale = [row["variant"] for row in old if row.get("stage1_sha256") != rows[0]["stage1_sha256"]]
+        if stale:
+            warnings.warn(f"{path}: dropped the rows of {', '.join(stale)}: they started from another Stage 1",
+                          stacklevel=2)
+        kept = {row["variant"]: row for row in old if row["variant"] not in stale}
+    kept.update({row["variant"]: row for row in rows})
+    ordered = sorted(kept.values(), key=lambda row: order.index(row["variant"]) if row["variant"] in order else len(order))
+    fields = list(rows[0]) + [key for row in ordered for key in row if key not in rows[0]]
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(fields)), restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(ordered)

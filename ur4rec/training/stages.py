@@ -195,8 +195,8 @@ def check_previous_stage(run_dir: Path, spec: StageSpec, fingerprint: str, skip_
     previous = stage_dir(run_dir, spec.previous)
     hint = ""
     if spec.name == "stage3" and not skip_stage2:
-        hint = (" Train stage 2 first, or pass skip_stage2=True to start stage 3 from stage 1 "
-                "(the skip is recorded in checkpoint.json).")
+        hint = (" Train stage 2 first, or skip it (`ur4rec train --skip-stage2`, skip_stage2=True in Python) "
+                "to start stage 3 from stage 1; the skip is recorded in checkpoint.json.")
     try:
         info = read_checkpoint_info(previous)
     except CheckpointError as error:

@@ -139,7 +139,8 @@ def test_gradients_reach_every_trained_group_and_no_frozen_one(setup, stage):
     for name, module in groups.items():
         grads = [p.grad for p in module.parameters()]
         if name in spec.train:
-            assert any(g is not None and g.abs().sum() > 0 for g in grads), f"no gradient reaches {name}"
+            dead = [f"{name}.{key}" for key, p in module.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+            assert not dead, f"no gradient reaches {dead}"
             assert all(torch.isfinite(g).all() for g in grads if g is not None), name
         else:
             assert all(g is None for g in grads), f"frozen {name} got a gradient"

@@ -74,8 +74,8 @@ class TrainConfig:
         "(0 = equal timestamps only)"
     )
     grad_clip: float = option(1.0, "clip the gradient norm to this value (0 = off)")
-    patience: int = option(10, "stop after this many epochs without a better validation metric")
-    eval_every: int = option(1, "evaluate on validation every N epochs")
+    patience: int = option(10, "stop after this many validations without a better metric (one per train.eval_every epochs)")
+    eval_every: int = option(1, "evaluate on validation every N epochs (log.jsonl lines of the other epochs carry no valid metrics)")
     seed: int = option(42, "one seed for split-independent randomness: init, batches, negatives")
     threads: int = option(0, "torch CPU threads (0 = torch's default)")
     device: str = option("cpu", "torch device, e.g. cpu or cuda")

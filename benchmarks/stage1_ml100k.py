@@ -21,7 +21,6 @@ import argparse
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -84,6 +83,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="42", help="comma-separated training seeds; settings are compared on "
                                                       "their mean validation NDCG@10")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks" / "stage1_ml100k",
+                        help="where the runs are kept, one run directory per setting and seed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -95,31 +96,31 @@ def main() -> None:
 
     rows = []  # (setting, [StageResult per seed], [evaluation seconds per seed])
     valid_ranks: dict[str, list] = {}  # setting -> per seed, every user's validation rank
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in args.settings.split(","):
-            results, eval_times = [], []
-            valid_ranks[name] = []
-            for seed in seeds:
-                config = base.override([*SETTINGS[name], f"train.seed={seed}"])
-                run_dir = Path(scratch) / f"{name}_seed{seed}"
-                prepare_run(run_dir, config, dataset)
-                result = train_stage1(config, dataset, run_dir)
-                valid_ranks[name].append(read_ranks(stage_dir(run_dir, 1), "valid")[1])
-                model, _ = load_model(stage_dir(run_dir, 1))
-                negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
-                inputs = build_eval_inputs(dataset, "test", config.data.max_len, negatives)
-                evaluate(model, inputs, config.eval)  # warm-up
-                start = time.perf_counter()
-                evaluate(model, inputs, config.eval)
-                eval_times.append(time.perf_counter() - start)
-                results.append(result)
-                test = result.metrics["test"]
-                print(f"[{name}, seed {seed}] best epoch {result.best_epoch}/{result.epochs_run}  "
-                      f"{result.seconds_per_epoch:.2f} s/epoch  total {result.total_seconds:.1f} s  "
-                      f"valid ndcg@10 {result.metrics['valid']['full']['ndcg@10']:.4f}  "
-                      f"test hr@10 {test['full']['hr@10']:.4f} ndcg@10 {test['full']['ndcg@10']:.4f}  "
-                      f"eval(all users) {eval_times[-1]:.3f} s  peak RSS {peak_rss_mib():.0f} MiB", flush=True)
-            rows.append((name, results, eval_times))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.settings.split(","):
+        results, eval_times = [], []
+        valid_ranks[name] = []
+        for seed in seeds:
+            config = base.override([*SETTINGS[name], f"train.seed={seed}"])
+            run_dir = args.out / f"{name}_seed{seed}"
+            prepare_run(run_dir, config, dataset)
+            result = train_stage1(config, dataset, run_dir)
+            valid_ranks[name].append(read_ranks(stage_dir(run_dir, 1), "valid")[1])
+            model, _ = load_model(stage_dir(run_dir, 1))
+            negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
+            inputs = build_eval_inputs(dataset, "test", config.data.max_len, negatives)
+            evaluate(model, inputs, config.eval)  # warm-up
+            start = time.perf_counter()
+            evaluate(model, inputs, config.eval)
+            eval_times.append(time.perf_counter() - start)
+            results.append(result)
+            test = result.metrics["test"]
+            print(f"[{name}, seed {seed}] best epoch {result.best_epoch}/{result.epochs_run}  "
+                  f"{result.seconds_per_epoch:.2f} s/epoch  total {result.total_seconds:.1f} s  "
+                  f"valid ndcg@10 {result.metrics['valid']['full']['ndcg@10']:.4f}  "
+                  f"test hr@10 {test['full']['hr@10']:.4f} ndcg@10 {test['full']['ndcg@10']:.4f}  "
+                  f"eval(all users) {eval_times[-1]:.3f} s  peak RSS {peak_rss_mib():.0f} MiB", flush=True)
+        rows.append((name, results, eval_times))
 
     print(f"\nmeans over seeds {seeds}")
     print("setting            s/epoch  total s  best ep  valid ndcg@10 | test full hr@10 ndcg@10 | "
@@ -141,6 +142,8 @@ def main() -> None:
     for peer, (peer_seconds, peer_hr, peer_ndcg) in PEERS.items():
         print(f"  vs {peer}: {peer_seconds / seconds:.0f}x faster per epoch, "
               f"HR@10 {hr / peer_hr - 1:+.1%}, NDCG@10 {ndcg / peer_ndcg - 1:+.1%}")
+    print(f"\nruns kept in {args.out.resolve()} (SETTING_seedS/): `ur4rec evaluate --run-dir RUN --stage 1` "
+          "reproduces a run's metrics; `ur4rec compare` recomputes a paired difference")
 
 
 if __name__ == "__main__":

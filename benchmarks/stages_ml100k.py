@@ -6,8 +6,8 @@ Per seed: Stage 1 (SASRec) to early stopping, then Stages 2-3 of each ablation v
 that Stage-1 checkpoint (`ur4rec.training.ablate`), all chosen by validation NDCG@10 only.
 Prints test metrics (full and sampled), epoch time of each stage, the time of one
 full-ranking evaluation of all users by the Stage-3 model ("full" variant), and each model's
-difference from Stage 1 paired over users (each user's NDCG@10 averaged over the seeds) with its
-standard error, on validation and test.
+difference from Stage 1, and each ablation's from full Stage 3, paired over users (each user's
+NDCG@10 averaged over the seeds) with its standard error, on validation and test.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,6 +49,8 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated ablation variants (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks" / "stages_ml100k",
+                        help="where the runs are kept: one run directory per seed, ablations inside it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = Config.load(args.config).override(["train.progress=false", *args.overrides])
@@ -58,54 +59,61 @@ def main() -> None:
     seconds: dict[str, list[float]] = {}
     eval_seconds = []
     stage_dirs: dict[str, list[Path]] = {}  # model -> its stage directory per seed, for paired differences
-    with tempfile.TemporaryDirectory() as scratch:
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            config = base.override([f"train.seed={seed}"])
-            run_dir = Path(scratch) / f"seed{seed}"
-            prepare_run(run_dir, config, dataset)
-            features = build_features(config, dataset, run_dir, progress=False)
-            stage1 = train_stage1(config, dataset, run_dir)
-            row = table.setdefault("stage 1 (SASRec)", {})
+    args.out.mkdir(parents=True, exist_ok=True)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        config = base.override([f"train.seed={seed}"])
+        run_dir = args.out / f"seed{seed}"
+        prepare_run(run_dir, config, dataset)
+        features = build_features(config, dataset, run_dir, progress=False)
+        stage1 = train_stage1(config, dataset, run_dir)
+        row = table.setdefault("stage 1 (SASRec)", {})
+        for key in COLUMNS:
+            row.setdefault(key, []).append(stage1.metrics[key[0]][key[1]][key[2]])
+        seconds.setdefault("stage 1", []).append(stage1.seconds_per_epoch)
+        stage_dirs.setdefault("stage 1 (SASRec)", []).append(stage_dir(run_dir, 1))
+        rows = run_ablations(config, dataset, features, run_dir, args.only.split(",") if args.only else None)
+        for ablation in rows:
+            name = "stage 3 (UR4Rec)" if ablation["variant"] == "full" else f"  ablation {ablation['variant']}"
+            row = table.setdefault(name, {})
             for key in COLUMNS:
-                row.setdefault(key, []).append(stage1.metrics[key[0]][key[1]][key[2]])
-            seconds.setdefault("stage 1", []).append(stage1.seconds_per_epoch)
-            stage_dirs.setdefault("stage 1 (SASRec)", []).append(stage_dir(run_dir, 1))
-            rows = run_ablations(config, dataset, features, run_dir, args.only.split(",") if args.only else None)
-            for ablation in rows:
-                name = "stage 3 (UR4Rec)" if ablation["variant"] == "full" else f"  ablation {ablation['variant']}"
-                row = table.setdefault(name, {})
+                row.setdefault(key, []).append(ablation[f"{key[0]}_{key[1]}_{key[2]}"])
+            seconds.setdefault(f"stage 3 {ablation['variant']}", []).append(ablation["seconds_per_epoch"])
+            stage_dirs.setdefault(name, []).append(stage_dir(run_dir / "ablations" / ablation["variant"], 3))
+            if ablation["variant"] == "full":
+                full_dir = run_dir / "ablations" / "full"
+                stage_dirs.setdefault("stage 2", []).append(stage_dir(full_dir, 2))
+                stage2 = json.loads((stage_dir(full_dir, 2) / "metrics.json").read_text())
+                row = table.setdefault("stage 2", {})
                 for key in COLUMNS:
-                    row.setdefault(key, []).append(ablation[f"{key[0]}_{key[1]}_{key[2]}"])
-                seconds.setdefault(f"stage 3 {ablation['variant']}", []).append(ablation["seconds_per_epoch"])
-                stage_dirs.setdefault(name, []).append(stage_dir(run_dir / "ablations" / ablation["variant"], 3))
-                if ablation["variant"] == "full":
-                    full_dir = run_dir / "ablations" / "full"
-                    stage_dirs.setdefault("stage 2", []).append(stage_dir(full_dir, 2))
-                    stage2 = json.loads((stage_dir(full_dir, 2) / "metrics.json").read_text())
-                    row = table.setdefault("stage 2", {})
-                    for key in COLUMNS:
-                        row.setdefault(key, []).append(stage2[key[0]][key[1]][key[2]])
-                    stage2_log = (stage_dir(full_dir, 2) / "log.jsonl").read_text().splitlines()
-                    seconds.setdefault("stage 2", []).append(
-                        float(np.mean([json.loads(line)["seconds"] for line in stage2_log])))
-                    model, _ = load_stage_model(stage_dir(full_dir, 3), features, dataset)
-                    negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
-                    inputs = build_eval_inputs(dataset, "test", config.data.max_len, negatives)
-                    start = time.perf_counter()
-                    evaluate(model, inputs, config.eval)
-                    eval_seconds.append(time.perf_counter() - start)
-            print(f"seed {seed} done", flush=True)
-            print_table(table, seconds, eval_seconds, dataset.n_users)
-            print_paired(stage_dirs)
+                    row.setdefault(key, []).append(stage2[key[0]][key[1]][key[2]])
+                stage2_log = (stage_dir(full_dir, 2) / "log.jsonl").read_text().splitlines()
+                seconds.setdefault("stage 2", []).append(
+                    float(np.mean([json.loads(line)["seconds"] for line in stage2_log])))
+                model, _ = load_stage_model(stage_dir(full_dir, 3), features, dataset)
+                negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
+                inputs = build_eval_inputs(dataset, "test", config.data.max_len, negatives)
+                start = time.perf_counter()
+                evaluate(model, inputs, config.eval)
+                eval_seconds.append(time.perf_counter() - start)
+        print(f"seed {seed} done", flush=True)
+        print_table(table, seconds, eval_seconds, dataset.n_users)
+        print_paired(stage_dirs)
+    print(f"\nruns kept in {args.out.resolve()} (seedS/, each ablation in seedS/ablations/VARIANT/): "
+          "`ur4rec compare` recomputes any paired difference above from them")
 
 
 def print_paired(stage_dirs: dict[str, list[Path]]) -> None:
-    """Each model minus Stage 1, NDCG@10 paired over users, ± the standard error of that difference."""
-    print("\nagainst Stage 1, paired over users (NDCG@10 difference ± standard error):")
-    reference = stage_dirs["stage 1 (SASRec)"]
-    for name, folders in stage_dirs.items():
-        if name != "stage 1 (SASRec)":
-            rows = compare(reference, folders, ("ndcg@10",))
+    """Each model minus Stage 1, then each ablation minus full Stage 3 (what switching that part
+    off costs): NDCG@10 paired over users, ± the standard error of that difference."""
+    for reference_name, title in (("stage 1 (SASRec)", "against Stage 1"),
+                                  ("stage 3 (UR4Rec)", "ablations against full Stage 3")):
+        if reference_name not in stage_dirs:
+            continue
+        print(f"\n{title}, paired over users (NDCG@10 difference ± standard error):")
+        for name, folders in stage_dirs.items():
+            if name == reference_name or (reference_name.startswith("stage 3") and "ablation" not in name):
+                continue
+            rows = compare(stage_dirs[reference_name], folders, ("ndcg@10",))
             print(f"  {name.strip():<28} " + "  ".join(
                 f"{row['split']} {row['difference']:+.4f} ± {row['standard_error']:.4f}" for row in rows), flush=True)
 

@@ -90,8 +90,7 @@ def write_rows(path: Path, rows: list[dict], order: list[str]) -> None:
         kept = {row["variant"]: row for row in old if row["variant"] not in stale}
     kept.update({row["variant"]: row for row in rows})
     ordered = sorted(kept.values(), key=lambda row: order.index(row["variant"]) if row["variant"] in order else len(order))
-    fields = list(rows[0]) + [key for row in ordered for key in row if key not in rows[0]]
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(fields)), restval="")
+    with open(path, "w", newline="") as handle:  # kept rows share the fields: older layouts lack the hash and are dropped
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(ordered)

@@ -237,3 +237,32 @@ def test_cli_features_text_and_quality(tmp_path, capsys):
     assert {row["modality"] for row in rows} == {"text"} and rows[0]["genre"]
     assert main(["features", "image", *smoke]) == 2  # no image folder configured: a clear error
     assert "features.image_folder is not set" in capsys.readouterr().err
+
+
+def test_a_reader_never_sees_a_half_written_run_manifest(tmp_path):
+    # Two commands on one run directory (e.g. `features text` while a stage starts) read and
+    # write RUN/features/manifest.json; a reader must see the old or the new file, never a torn one.
+    import threading
+
+    from ur4rec.features.store import run_manifest_path, update_run_manifest
+
+    update_run_manifest(tmp_path, "fp", "text", {"n": -1})
+    done, torn = threading.Event(), []
+
+    def read_repeatedly():
+        while not done.is_set():
+            try:
+                json.loads(run_manifest_path(tmp_path).read_text())
+            except ValueError as error:
+                torn.append(error)
+
+    reader = threading.Thread(target=read_repeatedly)
+    reader.start()
+    try:
+        for n in range(200):
+            update_run_manifest(tmp_path, "fp", "text", {"n": n, "padding": "x" * 200_000})
+    finally:
+        done.set()
+        reader.join()
+    assert not torn, f"{len(torn)} reads saw a partly written manifest: {torn[0]}"
+    assert json.loads(run_manifest_path(tmp_path).read_text())["text"]["n"] == 199

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -46,13 +48,24 @@ def prepare_run(run_dir: Path, config: Config, dataset: SequenceDataset) -> Path
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.yaml")
-    data_file.write_text(json.dumps(dataset.summary(), indent=2))
+    write_json(data_file, dataset.summary())
     return run_dir
 
 
 def write_json(path: Path, payload: dict) -> None:
+    """Write ``path`` whole or not at all: a reader (another command on the same run directory)
+    sees the old file or the new one, never a torn one, and a failed write keeps the old file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
+    text = json.dumps(payload, indent=2)
+    # one temporary name per writer (process and thread), so concurrent writers never share one
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def write_ranks(path: Path, dataset: SequenceDataset, split: str, rank_full: np.ndarray,

@@ -24,7 +24,6 @@ is a diagnostic on held-out data; it feeds nothing back into training.
 from __future__ import annotations
 
 import csv
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import numpy as np
 from ur4rec.data.dataset import SequenceDataset
 from ur4rec.features.build import FeatureSet
 from ur4rec.features.semantic import normalise_rows
+from ur4rec.rundir import write_json
 from ur4rec.text.prompts import display_genres
 
 DEFAULT_K = 10
@@ -154,7 +154,7 @@ def write_quality(run_dir: Path, features: FeatureSet, dataset: SequenceDataset,
     folder = Path(run_dir) / "features"
     folder.mkdir(parents=True, exist_ok=True)
     quality = feature_quality(features, dataset, k)
-    (folder / "quality.json").write_text(json.dumps(quality, indent=2))
+    write_json(folder / "quality.json", quality)
     modalities = {"text": (features.item_text, features.item_text_mask)}
     if features.item_image is not None:
         modalities["image"] = (features.item_image, features.item_image_mask)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ur4rec.data.movielens import cache_dir
+from ur4rec.rundir import write_json
 
 MANIFEST = "manifest.json"
 
@@ -56,7 +57,7 @@ def save_set(folder: Path, arrays: dict[str, np.ndarray], manifest: dict) -> Non
     (folder / MANIFEST).unlink(missing_ok=True)
     for name, array in arrays.items():
         np.save(folder / f"{name}.npy", array)
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_json(folder / MANIFEST, manifest)
 
 
 def load_arrays(folder: Path, names: list[str]) -> dict[str, np.ndarray]:
@@ -91,8 +92,7 @@ def update_run_manifest(run_dir: Path, fingerprint: str, kind: str, entry: dict 
         manifest = {}  # features of another dataset: nothing in them applies any more
     manifest["fingerprint"] = fingerprint
     manifest[kind] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=2))
+    write_json(path, manifest)
 
 
 def inputs_hash(payload: object) -> str:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import ur4rec
 from ur4rec.config import Config
 from ur4rec.models.sasrec import SASRec
+from ur4rec.rundir import write_json
 
 
 class CheckpointError(RuntimeError):
@@ -43,9 +44,7 @@ def save_checkpoint(stage_dir: Path, model: torch.nn.Module, info: dict) -> None
     save_file(state, str(temporary))
     temporary.replace(stage_dir / "model.safetensors")
     payload = {**info, "versions": versions()}
-    temporary = stage_dir / "checkpoint.json.tmp"
-    temporary.write_text(json.dumps(payload, indent=2))
-    temporary.replace(stage_dir / "checkpoint.json")
+    write_json(stage_dir / "checkpoint.json", payload)
 
 
 def read_checkpoint_info(stage_dir: Path) -> dict:

@@ -132,8 +132,9 @@ def test_gradients_reach_every_trained_group_and_no_frozen_one(setup, stage):
     assert set(trainable) == set(spec.train)
     x, y, t, users = one_batch(config, dataset)
     losses = training_losses(model, x, y, t, users, config, torch.Generator().manual_seed(0), "router" in trainable,
-                             "backbone" in trainable)
-    assert {"recommendation", "alignment"} <= set(losses) and ("backbone" in losses) == (stage != 2)
+                             "backbone" in trainable, "similarity" in trainable)
+    assert {"recommendation", "alignment"} <= set(losses)
+    assert ("backbone" in losses) == (stage != 2) and ("similarity" in losses) == (stage != 1)
     combine_losses(losses, {"alignment": 0.1, "load_balance": 0.01})["total"].backward()
     groups = model.parameter_groups()
     for name, module in groups.items():
@@ -144,6 +145,24 @@ def test_gradients_reach_every_trained_group_and_no_frozen_one(setup, stage):
             assert all(torch.isfinite(g).all() for g in grads if g is not None), name
         else:
             assert all(g is None for g in grads), f"frozen {name} got a gradient"
+
+
+def test_similarity_weights_learn_from_the_full_softmax_only(setup):
+    # The sampled candidates push side signals the wrong way (docs/experiments.md): the
+    # "recommendation" term must not reach the similarity weights; the "similarity" term must.
+    config, dataset, features = setup
+    torch.manual_seed(0)
+    model = build_ur4rec(config, dataset, features)
+    apply_stage(model, STAGES[3])
+    x, y, t, users = one_batch(config, dataset)
+    losses = training_losses(model, x, y, t, users, config, torch.Generator().manual_seed(0), True, True, True)
+    losses["recommendation"].backward(retain_graph=True)
+    assert model.similarity.weight.grad is None or (model.similarity.weight.grad == 0).all()
+    assert model.backbone.final_norm.weight.grad is not None  # the backbone still learns from it (router, fusion)
+    model.zero_grad(set_to_none=True)
+    losses["similarity"].backward()
+    assert (model.similarity.weight.grad != 0).all()
+    assert model.backbone.final_norm.weight.grad is None  # the backbone's scores are a fixed offset there
 
 
 # --------------------------------------------------------------------------- loading

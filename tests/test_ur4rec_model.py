@@ -66,11 +66,13 @@ def make_model(features=None, *overrides, sequences=None, seed=0):
     memory = build_memory(sequences, combined_item_features(features), config.moe.long_term_capacity,
                           config.moe.novelty_threshold)
     torch.manual_seed(seed)
-    model = UR4Rec(config, N_ITEMS, N_USERS, features, memory)
+    model = UR4Rec(config, N_ITEMS, N_USERS, features, memory, sequences)
     with torch.no_grad():  # trained-looking embeddings and a non-trivial router
         model.item_embedding.weight[1:].normal_(0, 0.5)
         for parameter in model.router.parameters() if model.expert_names else []:
             parameter.normal_(0, 0.5)
+        if hasattr(model, "similarity"):
+            model.similarity.weight.copy_(torch.linspace(1.0, 2.0, len(model.similarity.sources)))
     return model
 
 
@@ -120,16 +122,19 @@ def test_scores_are_the_dot_product_of_z_with_the_candidate():
     residual = sum(out.router_weights[..., k, None] * out.expert_outputs[name]
                    for k, name in enumerate(out.expert_names))
     z = out.user_states[:, None] + out.gate * residual  # (B, C, d)
-    assert torch.allclose(out.scores, (z * e).sum(-1), atol=1e-4)
+    similarity = sum(out.similarity_scores.values())  # (B, C) the history-similarity terms, outside z
+    assert torch.allclose(out.scores, (z * e).sum(-1) + similarity, atol=1e-4)
     for k, name in enumerate(out.expert_names):  # each expert's table-computed score is E_k . e_c
         expected = out.gate * out.router_weights[..., k] * (out.expert_outputs[name] * e).sum(-1)
         assert torch.allclose(out.expert_scores[name], expected, atol=1e-4), name
-    assert torch.allclose(out.scores, out.backbone_scores + sum(out.expert_scores.values()), atol=1e-5)
+    assert torch.allclose(out.base_scores, out.backbone_scores + similarity, atol=1e-5)
+    assert torch.allclose(out.scores, out.base_scores + sum(out.expert_scores.values()), atol=1e-5)
     assert (out.router_weights > 0).any(-1).all()  # experts did contribute
+    assert set(out.similarity_scores) == {"text", "collaborative"} and (similarity != 0).any()
 
 
 def test_every_modality_missing_reduces_exactly_to_sasrec():
-    model = make_model(no_modality()).eval()
+    model = make_model(no_modality(), "moe.similarity=[text]").eval()  # no text: the text term is 0
     sasrec = SASRec(model.config.model, N_ITEMS, T).eval()
     state = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in ("item_embedding", "backbone")}
     sasrec.load_state_dict(state, strict=True)  # the same parameter names
@@ -141,11 +146,27 @@ def test_every_modality_missing_reduces_exactly_to_sasrec():
 
 @pytest.mark.parametrize("overrides", [["moe.experts=[]"], ["moe.gate=none"]])
 def test_experts_off_or_gate_off_is_sasrec(overrides):
-    model = make_model(make_features(), *overrides).eval()
+    model = make_model(make_features(), "moe.similarity=[]", *overrides).eval()
     users, ids = batch(3)
     states, _ = model.encode(ids)
     expected = score(states[:, -1], model.item_vectors())
     assert torch.allclose(model.score_all(users, ids), expected, atol=1e-5)
+
+
+def test_fresh_similarity_weights_score_exactly_as_sasrec_and_learned_ones_add_their_terms():
+    model = make_model(make_features(), "moe.gate=none").eval()
+    users, ids = batch(3)
+    states, _ = model.encode(ids)
+    sasrec = score(states[:, -1], model.item_vectors())
+    with torch.no_grad():
+        model.similarity.weight.zero_()  # as Stage 2 starts
+    assert torch.allclose(model.score_all(users, ids), sasrec, atol=1e-5)
+    with torch.no_grad():
+        model.similarity.weight.copy_(torch.tensor([0.5, 2.0]))
+    profiles = model.similarity.terms(users, ids)  # (B, 2, V + 1)
+    expected = sasrec + 0.5 * profiles[:, 0] + 2.0 * profiles[:, 1]
+    assert torch.allclose(model.score_all(users, ids, chunk_size=7), expected, atol=1e-5)
+    assert not torch.allclose(expected, sasrec, atol=1e-3)
 
 
 def test_experts_and_memory_switch_off_by_config():

@@ -142,7 +142,7 @@ class FeatureConfig:
 class MoEConfig:
     experts: list[str] = option(
         ["visual", "semantic", "preference", "fusion"], "multimodal experts in use (any of visual, "
-        "semantic, preference, fusion); [] = plain SASRec scoring"
+        "semantic, preference, fusion); [] and no moe.similarity = plain SASRec scoring"
     )
     memory: bool = option(True, "per-user local memory; off = visual and semantic experts have no keys and are masked out")
     short_term_size: int = option(20, "memory: short-term tier = the last W items before the target (read from the input)")
@@ -158,6 +158,15 @@ class MoEConfig:
         "straight_through", "straight_through (experts get the gradient as if g = 1) or plain (naive g*E, for comparison)"
     )
     image_dim: int = option(512, "width of item image features when the feature set has no images")
+    similarity: list[str] = option(
+        ["text", "collaborative"], "history-similarity score terms (any of text, image, collaborative): the "
+        "candidate's mean cosine to the last similarity_window items, times a learned weight from 0; [] = none"
+    )
+    similarity_window: int = option(5, "history similarity: how many of the latest history items the candidate is compared with")
+    similarity_lr_scale: float = option(
+        100.0, "history-similarity weights' learning rate as a multiple of train.learning_rate (scalars from 0 that "
+        "settle at 1-4)"
+    )
     train_candidates: str = option(
         "sampled", "stages 2-3 training scores: sampled (every target vs shared negatives), in_batch ([B, B], "
         "newest target per window) or full (all items, newest target per window)"

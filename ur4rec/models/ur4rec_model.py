@@ -5,11 +5,14 @@ For a user row with backbone state ``h`` and a candidate item ``c``::
     E_k    = expert k's d-vector for (user, c)              k in visual, semantic, preference, fusion
     r      = router(e_c, LN(h)), softmax over the experts available for (user, c), 0 for the others
     z      = LN(h) + g * sum_k r_k E_k                       (g: :class:`~ur4rec.models.experts.Gate`)
-    score  = z . e_c                                          (:func:`ur4rec.models.scoring.score`)
+    base   = LN(h) . e_c + sum_s w_s s_s(c)                  (history similarity, see below)
+    score  = base + g * sum_k r_k (E_k . e_c)                 (= z . e_c + the similarity terms)
 
 ``LN(h)`` is the backbone's own final LayerNorm output, i.e. exactly SASRec's user state: with
 every modality missing (or every expert off, or the gate off) no expert is available, ``z`` is
-SASRec's state and the scores are SASRec's.
+SASRec's state. ``s_s(c)`` is the mean similarity of the candidate to the row's last few items
+by source s (text, image, train-part co-occurrence; :mod:`ur4rec.models.similarity`), with a
+learned weight ``w_s`` that starts at 0, so a model fresh from Stage 1 scores exactly as SASRec.
 
 Because the experts are item-centric, ``z`` depends on the candidate, so scoring always names
 its candidates: (N, C) per row, or (C,) shared by every row (full ranking uses chunks of all
@@ -28,8 +31,8 @@ CPU threads.
 Parameter groups (named modules; Stage-1 weights load by group): ``item_embedding`` and
 ``backbone`` (the same names as :class:`~ur4rec.models.sasrec.SASRec`), ``memory``,
 ``alignment``, ``experts.visual``, ``experts.semantic``, ``experts.preference``,
-``experts.fusion``, ``router``, ``gate``. Features and memory are non-persistent buffers:
-data, not weights. The model does no I/O; the device comes from its inputs' buffers.
+``experts.fusion``, ``router``, ``gate``, ``similarity``. Features, memory and similarity
+matrices are non-persistent buffers: data, not weights. The model does no I/O; the device comes from its inputs' buffers.
 """
 
 from __future__ import annotations
@@ -61,10 +64,11 @@ from ur4rec.models.memory import (
 )
 from ur4rec.models.sasrec import SASRecEncoder, _init_weights
 from ur4rec.models.scoring import score
+from ur4rec.models.similarity import HistorySimilarity
 
 EXPERTS = ("visual", "semantic", "preference", "fusion")
 PARAMETER_GROUPS = ("item_embedding", "backbone", "memory", "alignment", "experts.visual", "experts.semantic",
-                    "experts.preference", "experts.fusion", "router", "gate")
+                    "experts.preference", "experts.fusion", "router", "gate", "similarity")
 
 
 @dataclass
@@ -76,9 +80,12 @@ class UR4RecOutput:
     available: torch.Tensor  # (N, C, E) bool
     gate: torch.Tensor  # (1,) the gate value g
     novelty: torch.Tensor  # (N, C) 1 - max cosine of the candidate to the visible memory (1 if empty)
+    base_scores: torch.Tensor  # (N, C) LayerNorm(h) . e_c + the history-similarity terms
     expert_outputs: dict[str, torch.Tensor] | None = None  # name -> (N, C, d) E_k
     backbone_scores: torch.Tensor | None = None  # (N, C) LayerNorm(h) . e_c
-    expert_scores: dict[str, torch.Tensor] | None = None  # name -> (N, C) g r_k E_k . e_c; sums to scores
+    expert_scores: dict[str, torch.Tensor] | None = None  # name -> (N, C) g r_k E_k . e_c
+    similarity_scores: dict[str, torch.Tensor] | None = None  # source -> (N, C) w_s s_s(c); with the two above
+    # and backbone_scores: sums to scores
     attentions: list[torch.Tensor] | None = None  # backbone, per block (B, nh, T, T)
     cross_attentions: dict[str, torch.Tensor] | None = None  # visual (N,C,K), semantic (N,C,K,nh), fusion (N,C,2)
     memory_slots: torch.Tensor | None = None  # (N, C, K) which of the row's M memory slots each K column is
@@ -101,13 +108,17 @@ class _Rows:
     semantic_keys: torch.Tensor | None = None  # (u_m, d)
     semantic_values: torch.Tensor | None = None  # (u_m, d)
     preference: torch.Tensor | None = None  # (N, d)
+    recent: torch.Tensor | None = None  # (N, >= W) the items before each row's target, newest last
+    similarity: torch.Tensor | None = None  # (N, n_items + 1) sum_s w_s s_s of every item
 
 
 class UR4Rec(nn.Module):
     """SASRec backbone + memory + experts + router + gate. Built from one config, the counts,
-    a FeatureSet-like object (any object with its attributes) and the users' memory."""
+    a FeatureSet-like object (any object with its attributes), the users' memory and their
+    train sequences (for the collaborative similarity)."""
 
-    def __init__(self, config: Config, n_items: int, n_users: int, features, memory: UserMemory | None = None) -> None:
+    def __init__(self, config: Config, n_items: int, n_users: int, features, memory: UserMemory | None = None,
+                 train_sequences=None) -> None:
         super().__init__()
         moe = config.moe
         unknown = sorted(set(moe.experts) - set(EXPERTS))
@@ -148,6 +159,9 @@ class UR4Rec(nn.Module):
             self.router = Router(d, moe.router_hidden, len(self.expert_names))
         self.gate = Gate(moe.gate, moe.gate_init, moe.gate_gradient)
         self.gate.register_gated([self.experts, self.memory] + ([self.router] if self.expert_names else []))
+        if moe.similarity:
+            self.similarity = HistorySimilarity(moe.similarity, moe.similarity_window, n_items, features,
+                                                train_sequences)
 
     def _register_features(self, features, image_dim: int) -> None:
         V, U = self.n_items + 1, self.n_users
@@ -207,6 +221,9 @@ class UR4Rec(nn.Module):
             rows.semantic_values = self.alignment.text(texts)  # (u_m, d)
         if "preference" in self.experts:
             rows.preference = self.experts["preference"](self.alignment.text(self.user_text[users]))  # (N, d)
+        if hasattr(self, "similarity"):
+            rows.recent = recent
+            rows.similarity = self.similarity(users, recent)  # (N, V + 1)
         return rows
 
     @torch.no_grad()
@@ -282,22 +299,31 @@ class UR4Rec(nn.Module):
 
         backbone_scores = score(rows.states, e) if candidate_index is None else \
             score(rows.states, e[candidate_index])  # (N, C) exactly SASRec's score
+        base_scores = backbone_scores
+        if rows.similarity is not None:
+            base_scores = backbone_scores + _at(rows.similarity, candidates)
         if self.expert_names:
             available = torch.stack([a.expand(N, C) for a in available], -1)  # (N, C, E)
             weights, _ = self.router(e, rows.states, reads, available)  # (N, C, E)
             residual = sum(weights[..., k] * expert_scores[name] for k, name in enumerate(self.expert_names))
-            scores = backbone_scores + self.gate(residual)  # (N, C)
+            scores = base_scores + self.gate(residual)  # (N, C)
         else:
             available = torch.zeros(N, C, 0, dtype=torch.bool, device=e.device)
             weights = available.float()
-            scores = backbone_scores
+            scores = base_scores
 
-        out = UR4RecOutput(scores, rows.states, self.expert_names, weights, available, self.gate.value, reads.novelty)
+        out = UR4RecOutput(scores, rows.states, self.expert_names, weights, available, self.gate.value, reads.novelty,
+                           base_scores)
         if details:
             g = self.gate.value.detach()
             out.backbone_scores = backbone_scores
             out.expert_scores = {name: g * weights[..., k] * expert_scores[name]
                                  for k, name in enumerate(self.expert_names)}
+            out.similarity_scores = {}
+            if rows.similarity is not None:
+                terms = self.similarity.terms(rows.users, rows.recent)  # (N, S, V + 1)
+                out.similarity_scores = {name: self.similarity.weight[k].detach() * _at(terms[:, k], candidates)
+                                         for k, name in enumerate(self.similarity.sources)}
             out.expert_outputs = self._expert_outputs(rows, reads, e, maps, extra)
         if need_weights:
             out.cross_attentions = maps
@@ -354,6 +380,11 @@ class UR4Rec(nn.Module):
         """Group name -> module, for the groups this model has (a disabled expert has none)."""
         modules = dict(self.named_modules())
         return {name: modules[name] for name in PARAMETER_GROUPS if name in modules}
+
+
+def _at(table: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(N, V + 1) per-item values at (C,) shared or (N, C) per-row candidates -> (N, C)."""
+    return table[:, candidates] if candidates.dim() == 1 else table.gather(1, candidates)
 
 
 def _check_shape(name: str, array, rows: int) -> None:

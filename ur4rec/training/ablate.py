@@ -1,4 +1,5 @@
-"""Ablations of the multimodal stages: each expert off, memory off, gate off, Stage 2 skipped.
+"""Ablations of the multimodal stages: each expert off, each history-similarity source off, memory
+off, gate off, Stage 2 skipped.
 
 Every variant starts from the same Stage-1 checkpoint (``RUN/stage1``, trained once), trains
 Stages 2 and 3 into ``RUN/ablations/<variant>/`` and is evaluated in the same harness;
@@ -31,6 +32,10 @@ def ablation_variants(config: Config) -> dict[str, tuple[list[str], bool]]:
     for expert in experts:
         others = [e for e in experts if e != expert]
         variants[f"no_{expert}"] = ([f"moe.experts={others}"], False)
+    sources = list(config.moe.similarity)
+    for source in sources:
+        others = [s for s in sources if s != source]
+        variants[f"no_{source}_similarity"] = ([f"moe.similarity={others}"], False)
     variants["no_memory"] = (["moe.memory=false"], False)
     variants["gate_off"] = (["moe.gate=none"], False)
     variants["skip_stage2"] = ([], True)

@@ -6,8 +6,9 @@ the previous stage's checkpoint. Groups are named modules of :class:`~ur4rec.mod
 prototype loaded "keys containing 'sasrec'", missed the item embedding, and froze it random.
 
 * Stage 1: plain SASRec (``item_embedding`` + ``backbone``), :func:`ur4rec.training.trainer.train_stage1`.
-* Stage 2: backbone and item embedding frozen (loaded from Stage 1); the experts and the
-  alignment heads learn, with the recommendation loss plus the InfoNCE alignment loss.
+* Stage 2: backbone and item embedding frozen (loaded from Stage 1); the experts, the
+  alignment heads and the history-similarity weights learn, with the recommendation loss, the
+  InfoNCE alignment loss and the ``similarity`` loss (the weights' full softmax).
 * Stage 3: router, gate, experts, alignment and memory train, the backbone is fine-tuned
   (``moe.backbone_lr_scale``), the item embedding stays frozen; everything loads from
   Stage 2. Without a valid Stage-2 checkpoint Stage 3 refuses to start unless
@@ -85,13 +86,14 @@ class StageSpec:
 
 STAGES = {
     1: StageSpec("stage1", train=("item_embedding", "backbone"),
-                 freeze=("memory", "alignment", *EXPERT_GROUPS, "router", "gate")),
-    2: StageSpec("stage2", train=(*EXPERT_GROUPS, "alignment"),
+                 freeze=("memory", "alignment", *EXPERT_GROUPS, "router", "gate", "similarity")),
+    2: StageSpec("stage2", train=(*EXPERT_GROUPS, "alignment", "similarity"),
                  freeze=("item_embedding", "backbone", "memory", "router", "gate"),
                  load=("item_embedding", "backbone"), previous=1),
-    3: StageSpec("stage3", train=("backbone", *EXPERT_GROUPS, "alignment", "memory", "router", "gate"),
+    3: StageSpec("stage3", train=("backbone", *EXPERT_GROUPS, "alignment", "memory", "router", "gate", "similarity"),
                  freeze=("item_embedding",),
-                 load=("item_embedding", "backbone", "memory", "alignment", *EXPERT_GROUPS, "router", "gate"),
+                 load=("item_embedding", "backbone", "memory", "alignment", *EXPERT_GROUPS, "router", "gate",
+                       "similarity"),
                  previous=2),
 }
 
@@ -228,7 +230,10 @@ def build_user_memory(dataset: SequenceDataset, features, config: Config) -> Use
 
 
 def build_ur4rec(config: Config, dataset: SequenceDataset, features) -> UR4Rec:
-    return UR4Rec(config, dataset.n_items, dataset.n_users, features, build_user_memory(dataset, features, config))
+    """The model, its memory and its collaborative similarity, from the train part only."""
+    sequences = [dataset.train_sequence(user) for user in range(dataset.n_users)]
+    return UR4Rec(config, dataset.n_items, dataset.n_users, features, build_user_memory(dataset, features, config),
+                  sequences)
 
 
 def features_fingerprint(features) -> str:
@@ -330,7 +335,7 @@ def sampled_candidates(model: UR4Rec, states: torch.Tensor, targets: torch.Tenso
 
 
 def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=None, train_router: bool = True,
-                    train_backbone: bool = False):
+                    train_backbone: bool = False, train_similarity: bool = False):
     """Named losses of one batch of windows: (B, W) inputs x, targets y, target positions t, (B,) users.
 
     ``recommendation``: softmax cross-entropy of each target against its candidates
@@ -338,12 +343,15 @@ def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=Non
     targets' multimodal projections and ID embeddings, weighted by 1 + alpha * surprise;
     ``load_balance`` (when the router trains); ``backbone`` (when the backbone trains): the
     Stage-1 objective (``train.loss``, a softmax over all items by default) on the backbone's
-    own scores at every target. The sampled ``recommendation`` term then trains the residual
-    (experts, router, gate, and the backbone only through the router and fusion inputs): its
-    gradient to the backbone's own scores is removed, because a softmax over 1 + K uniform
-    candidates is a weaker objective for full ranking than the softmax over all items that
-    trained Stage 1 (Klenitskiy & Vasilev, "Turning Dross Into Gold Loss: is BERT4Rec really
-    better than SASRec?", RecSys 2023).
+    own scores at every target; ``similarity`` (when the history-similarity weights train):
+    softmax cross-entropy over all items of the base scores (the backbone's, held fixed, plus
+    the similarity terms) at the rows the experts train on. The ``recommendation`` term then
+    trains the residual (experts, router, gate, and the backbone only through the router and
+    fusion inputs): its gradient to the base scores is removed, because a softmax over the
+    target and sampled negatives is a weaker objective for full ranking than the softmax over
+    all items that trained Stage 1 (Klenitskiy & Vasilev, "Turning Dross Into Gold Loss: is
+    BERT4Rec really better than SASRec?", RecSys 2023); measured here, it drives the similarity
+    weights negative.
     """
     moe = config.moe
     states, _ = model.encode(x)  # (B, W, d)
@@ -360,7 +368,8 @@ def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=Non
         raise ValueError(f"moe.train_candidates must be sampled, in_batch or full, got {moe.train_candidates!r}")
     targets = y[positions]  # (N,)
     row_batch = torch.arange(len(y), device=y.device)[:, None].expand_as(y)[positions]  # (N,) window of each row
-    recent = recent_items(x, model.memory.short_term_size)[positions]  # (N, W) the items just before each target
+    width = max(model.memory.short_term_size, moe.similarity_window if moe.similarity else 0)
+    recent = recent_items(x, width)[positions]  # (N, W) the items just before each target
     rows = model.read_memory(users[row_batch], states[positions], recent, before=t[positions])
     N = targets.size(0)
     arange = torch.arange(N, device=targets.device)
@@ -379,8 +388,8 @@ def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=Non
         false_negative = None
     out = model.score_rows(rows, candidates)
     logits = out.scores.float()
-    if train_backbone:  # the backbone's own scores learn from the "backbone" term only (see the docstring)
-        own = score(rows.states, model.item_embedding(candidates)).float()  # (N, C) or (N, V) LN(h) . e_c
+    if train_backbone or train_similarity:  # base scores learn from their own terms only (see the docstring)
+        own = out.base_scores.float()  # (N, C): LN(h) . e_c + the similarity terms
         logits = logits - own + own.detach()
     if false_negative is not None:
         logits = logits.masked_fill(false_negative, torch.finfo(logits.dtype).min)
@@ -402,6 +411,12 @@ def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=Non
             negatives = sample_training_negatives(all_targets, model.n_items, config.train.num_negatives, generator)
         losses["backbone"] = recommendation_loss(config.train.loss, all_states, all_targets, model.item_vectors(),
                                                  negatives, config.train.label_smoothing)
+    if train_similarity and rows.similarity is not None:
+        with torch.no_grad():
+            fixed = score(rows.states, model.item_vectors()).float()  # (N, V + 1) the backbone's scores
+        logits_all = fixed + rows.similarity
+        losses["similarity"] = F.cross_entropy(logits_all[:, 1:], targets - 1,
+                                               label_smoothing=config.train.label_smoothing)
     if train_router and model.expert_names and moe.load_balance_weight > 0:
         losses["load_balance"] = load_balancing_loss(out.router_weights[arange, positive], out.available[arange, positive])
     return losses
@@ -409,7 +424,7 @@ def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=Non
 
 def _loss_weights(config: Config) -> dict[str, float]:
     return {"recommendation": 1.0, "alignment": config.moe.alignment_weight,
-            "load_balance": config.moe.load_balance_weight, "backbone": 1.0}
+            "load_balance": config.moe.load_balance_weight, "backbone": 1.0, "similarity": 1.0}
 
 
 def train_multimodal_epoch(model: UR4Rec, optimizer, trainable: dict, windows, config: Config, rng, generator,
@@ -431,7 +446,7 @@ def train_multimodal_epoch(model: UR4Rec, optimizer, trainable: dict, windows, c
         u = torch.from_numpy(users[rows]).to(device)
         with autocast(config):
             losses = training_losses(model, x, y, t, u, config, generator, "router" in trainable,
-                                     "backbone" in trainable)
+                                     "backbone" in trainable, "similarity" in trainable)
             terms = combine_losses(losses, _loss_weights(config), uncertainty)
         for name, value in terms.items():
             if not torch.isfinite(value):
@@ -482,7 +497,9 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
     elif config.moe.loss_weighting != "fixed":
         raise ValueError(f"moe.loss_weighting must be fixed or uncertainty, got {config.moe.loss_weighting!r}")
     lr = config.train.learning_rate
-    param_groups = [{"params": params, "lr_scale": config.moe.backbone_lr_scale if name == "backbone" else 1.0}
+    lr_scales = {"backbone": config.moe.backbone_lr_scale, "similarity": config.moe.similarity_lr_scale}
+    param_groups = [{"params": params, "lr_scale": lr_scales.get(name, 1.0),
+                     "weight_decay": 0.0 if name == "similarity" else config.train.weight_decay}
                     for name, params in trainable.items()]
     if uncertainty is not None:
         param_groups.append({"params": list(uncertainty.parameters()), "lr_scale": 1.0})
@@ -577,6 +594,7 @@ def write_internals(folder: Path, model: UR4Rec, dataset: SequenceDataset, input
     model.eval()
     device = config.train.device
     names = list(model.expert_names)
+    sources = list(model.similarity.sources) if hasattr(model, "similarity") else []
     k = min(top, model.n_items)
     all_candidates, router_rows, contribution_rows = [], [], []
     for start in range(0, len(inputs.users), config.eval.batch_size):
@@ -593,7 +611,8 @@ def write_internals(folder: Path, model: UR4Rec, dataset: SequenceDataset, input
         out = model(users, histories, candidates, details=True)
         weights = out.router_weights.float().cpu().numpy()  # (B, 1 + k, E)
         parts = np.stack([out.scores.float().cpu().numpy(), out.backbone_scores.float().cpu().numpy()]
-                         + [out.expert_scores[name].float().cpu().numpy() for name in names], -1)  # (B, 1 + k, 2 + E)
+                         + [out.expert_scores[name].float().cpu().numpy() for name in names]
+                         + [out.similarity_scores[name].float().cpu().numpy() for name in sources], -1)  # (B, 1+k, 2+E+S)
         for row, user in enumerate(users.tolist()):
             for column, item in enumerate(candidates[row].tolist()):
                 key = [dataset.user_raw_ids[user], dataset.item_raw_ids[item], "target" if column == 0 else "top",
@@ -602,7 +621,8 @@ def write_internals(folder: Path, model: UR4Rec, dataset: SequenceDataset, input
                 contribution_rows.append(key + [round(float(v), 6) for v in parts[row, column]])
     header = ["user_id", "item_id", "role", "rank"]
     _write_csv(folder / "router_weights.csv", header + names, router_rows)
-    _write_csv(folder / "expert_contributions.csv", header + ["score", "backbone"] + names, contribution_rows)
+    _write_csv(folder / "expert_contributions.csv", header + ["score", "backbone"] + names
+               + [f"similarity_{name}" for name in sources], contribution_rows)
 
     sample = np.random.default_rng(config.train.seed).choice(
         len(inputs.users), size=min(config.moe.attention_sample_users, len(inputs.users)), replace=False)

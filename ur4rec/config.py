@@ -160,13 +160,9 @@ class MoEConfig:
     image_dim: int = option(512, "width of item image features when the feature set has no images")
     similarity: list[str] = option(
         ["text", "collaborative"], "history-similarity score terms (any of text, image, collaborative): the "
-        "candidate's mean cosine to the last similarity_window items, times a learned weight from 0; [] = none"
+        "candidate's mean cosine to the last similarity_window items, times a weight fitted on validation; [] = none"
     )
     similarity_window: int = option(5, "history similarity: how many of the latest history items the candidate is compared with")
-    similarity_lr_scale: float = option(
-        100.0, "history-similarity weights' learning rate as a multiple of train.learning_rate (scalars from 0 that "
-        "settle at 1-4)"
-    )
     train_candidates: str = option(
         "sampled", "stages 2-3 training scores: sampled (every target vs shared negatives), in_batch ([B, B], "
         "newest target per window) or full (all items, newest target per window)"

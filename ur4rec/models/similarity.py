@@ -5,8 +5,9 @@ For a row whose last ``L`` history items are ``R`` (``moe.similarity_window``) a
 
     s_k(c) = mean_{j in R} S_k[j, c]
 
-``S_k`` a fixed item-item cosine similarity and ``w_k`` a learned scalar that starts at 0 (so
-a model fresh from Stage 1 scores exactly as SASRec). Sources:
+``S_k`` a fixed item-item cosine similarity and ``w_k`` a scalar that starts at 0 (so a model
+fresh from Stage 1 scores exactly as SASRec) and is fitted on the validation items
+(:func:`ur4rec.training.stages.fit_similarity`). Sources:
 
 * ``text``: cosine of the items' text features (Sentence-BERT): the semantic modality;
 * ``image``: cosine of the items' image features (CLIP), where both items have one;
@@ -22,8 +23,8 @@ Why a separate term and not another expert: every expert reaches the score as
 "this candidate's feature resembles the features of what was just watched". Measured on
 ML-100K (docs/experiments.md), co-occurrence with the last 5 items adds to SASRec when blended
 into its scores, and the experts trained on the same features do not pick it up. The weights
-learn from the full softmax at every target (Stages 2-3, ``base`` loss); the sampled
-candidates the experts train on push them the wrong way (measured).
+are fitted on held-out items, not learned on the train part: there the backbone is far surer
+of its targets than on new items, and a side signal looks almost useless (measured).
 
 Matrices are dense (V, V) float32 buffers: 11 MB per source on ML-100K, 55 MB on ML-1M;
 more than :data:`MAX_ITEMS` items is refused with the setting to change.
@@ -69,7 +70,7 @@ def collaborative_matrix(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class HistorySimilarity(nn.Module):
-    """The ``similarity`` group: one learned weight per source, over fixed similarity buffers.
+    """The ``similarity`` group: one weight per source, over fixed similarity buffers.
 
     ``forward`` gives ``sum_k w_k s_k`` for every item in one pass: the weighted matrix
     ``sum_k w_k S_k`` is formed first (V x V), then averaged over each row's last items by
@@ -111,7 +112,7 @@ class HistorySimilarity(nn.Module):
 
     def forward(self, users: torch.Tensor, recent: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """(N,) users, (N, >= L) items before each row's target (newest last, 0 = padding)
-        -> (N, V + 1) ``sum_k w_k s_k`` of every item (``weight`` in place of the learned w if given)."""
+        -> (N, V + 1) ``sum_k w_k s_k`` of every item (``weight`` in place of the fitted w if given)."""
         weight = self.weight if weight is None else weight
         with torch.autocast(recent.device.type, enabled=False):  # fp32: cosine means differ in the 3rd digit
             return self._combined(users, recent, weight.float())

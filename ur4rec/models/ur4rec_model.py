@@ -12,7 +12,8 @@ For a user row with backbone state ``h`` and a candidate item ``c``::
 every modality missing (or every expert off, or the gate off) no expert is available, ``z`` is
 SASRec's state. ``s_s(c)`` is the mean similarity of the candidate to the row's last few items
 by source s (text, image, train-part co-occurrence; :mod:`ur4rec.models.similarity`), with a
-learned weight ``w_s`` that starts at 0, so a model fresh from Stage 1 scores exactly as SASRec.
+weight ``w_s`` that starts at 0 (a model fresh from Stage 1 scores exactly as SASRec) and is fitted
+on the validation items (:func:`ur4rec.training.stages.fit_similarity`).
 
 Because the experts are item-centric, ``z`` depends on the candidate, so scoring always names
 its candidates: (N, C) per row, or (C,) shared by every row (full ranking uses chunks of all

@@ -186,6 +186,9 @@ def test_cli_stages_and_ablations(tmp_path, capsys, monkeypatch):
     assert [r.split(",")[0] for r in rows[1:]] == ["no_memory", "gate_off", "skip_stage2"]
     info = json.loads((run_dir / "ablations/skip_stage2/stage3/checkpoint.json").read_text())
     assert info["skipped"] == ["stage2"]
+    capsys.readouterr()  # an ablation is a run directory like any other: its metrics reproduce from it alone
+    assert main(["evaluate", "--run-dir", str(run_dir / "ablations/no_memory"), "--stage", "3"]) == 0
+    assert "every metric matches" in capsys.readouterr().out
 
 
 def test_ablation_table_keeps_only_rows_from_the_same_stage1(tmp_path):

@@ -66,6 +66,8 @@ def run_ablations(config: Config, dataset: SequenceDataset, features, run_dir: P
         variant_dir = run_dir / "ablations" / name
         prepare_run(variant_dir, variant_config, dataset)
         shutil.copytree(stage1, stage_dir(variant_dir, 1), dirs_exist_ok=True)
+        if (run_dir / "features").is_dir():  # which feature sets it used: `ur4rec evaluate` on the variant needs them
+            shutil.copytree(run_dir / "features", variant_dir / "features", dirs_exist_ok=True)
         stages = [3] if skip_stage2 else [2, 3]
         result = None
         for stage in stages:

@@ -104,8 +104,8 @@ class HistorySimilarity(nn.Module):
                 member = interaction_matrix(train_sequences, n_items)
                 matrix, inverse_root = collaborative_matrix(member)
                 matrices.append(matrix)
-                self.register_buffer("member", member, persistent=False)  # (U, V + 1)
-                self.register_buffer("member_scaled", member.float() * inverse_root[None], persistent=False)
+                self.register_buffer("member_scaled", member.float() * inverse_root[None],
+                                     persistent=False)  # (U, V + 1) 1 / sqrt(users of i) where user u rated i
                 self.register_buffer("inverse_root", inverse_root, persistent=False)  # (V + 1,)
         self.register_buffer("matrices", torch.stack(matrices) if matrices else torch.zeros(0, 1, 1),
                              persistent=False)  # (S, V + 1, V + 1)
@@ -125,7 +125,8 @@ class HistorySimilarity(nn.Module):
         total = F.embedding_bag(recent, combined, mode="sum", per_sample_weights=mean, padding_idx=0)  # (N, V + 1)
         if "collaborative" in self.sources:  # leave the row's own user out of the co-occurrence counts
             w = weight[self.sources.index("collaborative")]
-            shared = self.member[users].gather(1, recent).float() * mean  # (N, L) history items in the train part
+            rated = self.member_scaled[users[:, None], recent] > 0  # (N, L) history items in the user's train part
+            shared = rated.float() * mean
             own = (shared * self.inverse_root[recent]).sum(1, keepdim=True)  # (N, 1)
             total = torch.addcmul(total, self.member_scaled[users], own * w, value=-1.0)
             # pairs (j, c) with j = c are 0 in the matrix: give back what the line above took for them

@@ -176,6 +176,10 @@ def test_cli_stages_and_ablations(tmp_path, capsys, monkeypatch):
             assert (run_dir / f"stage{stage}" / name).exists(), (stage, name)
     assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "3"]) == 0
     assert "every metric matches" in capsys.readouterr().out
+    info = json.loads((run_dir / "stage3/checkpoint.json").read_text())  # the fitted weights, as saved
+    saved = load_file(str(run_dir / "stage3/model.safetensors"))["similarity.weight"]
+    assert list(info["similarity_weights"]) == ["text", "collaborative"] and any(info["similarity_weights"].values())
+    assert saved.tolist() == pytest.approx(list(info["similarity_weights"].values()))
     assert main(["ablate", *common, "--run-dir", str(run_dir), "--only", "gate_off,skip_stage2"]) == 0
     rows = (run_dir / "ablations.csv").read_text().splitlines()
     assert rows[0].startswith("variant,") and [r.split(",")[0] for r in rows[1:]] == ["gate_off", "skip_stage2"]

@@ -33,7 +33,8 @@ Parameter groups (named modules; Stage-1 weights load by group): ``item_embeddin
 ``backbone`` (the same names as :class:`~ur4rec.models.sasrec.SASRec`), ``memory``,
 ``alignment``, ``experts.visual``, ``experts.semantic``, ``experts.preference``,
 ``experts.fusion``, ``router``, ``gate``, ``similarity``. Features, memory and similarity
-matrices are non-persistent buffers: data, not weights. The model does no I/O; the device comes from its inputs' buffers.
+matrices are non-persistent buffers: data, not weights. The model does no I/O; the device
+comes from its inputs' buffers.
 """
 
 from __future__ import annotations

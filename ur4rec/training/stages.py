@@ -468,7 +468,7 @@ def fit_similarity(model: UR4Rec, inputs, config: Config, max_users: int = 4096)
     the train part: the backbone was trained on those items and scores them far more surely
     than held-out ones (NDCG@10 0.22 against 0.12 on ML-100K), so there a side signal looks
     nearly useless and its fitted weight comes out 4-8x too small (measured, docs/experiments.md).
-    Three scalars fitted on 943 users, like the blend weight of `benchmarks/text_signal_ml100k.py`;
+    One scalar per source fitted on 943 users, like the blend weight of `benchmarks/text_signal_ml100k.py`;
     test items are never used.
     """
     if not hasattr(model, "similarity"):

@@ -12,7 +12,8 @@ building (N, C, d) tensors, because every expert ends in a linear read-out:
   second (u_c, u_m) table of dot products (:func:`~ur4rec.models.scoring.score` between the
   candidates' embeddings and the projected values);
 * both tables are gathered at the K entries each (row, candidate) reads
-  (:class:`~ur4rec.models.memory.MemoryReads`), so the largest tensors are (N, C, K).
+  (:class:`~ur4rec.models.memory.MemoryReads`), so the largest tensors are (T, N, C, K), T
+  tables (logits and read-outs) stacked first.
 
 ``outputs(...)`` builds the d-vectors themselves when asked (the app, tests); a test checks
 that ``score(E_k, e_c)`` equals the expert's score. Nothing loops over items or users.
@@ -74,11 +75,18 @@ def pca_init_(linear: nn.Linear, features: torch.Tensor | None) -> nn.Linear:
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax over the allowed entries; masked entries get exactly 0, a row with none allowed is all 0.
 
-    Masked logits are set to the dtype's finite minimum, not -inf, so an empty row is a
-    uniform softmax times 0: finite values and finite gradients (no NaN to patch afterwards).
+    Masked logits are set to the float32 minimum, not -inf, so an empty row is exp(0) times
+    0 over a clamped sum: finite values and finite gradients (no NaN to patch afterwards).
+    Written out in float32 rather than ``torch.softmax``: the softmaxes here run over a few
+    entries (K memory reads, E experts, 2 tokens) at millions of positions, where the fused
+    kernel is 2-5x slower than these element-wise ops on CPU (measured, docs/experiments.md).
+    The maximum is detached: the softmax does not depend on the shift.
     """
-    logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
-    return torch.softmax(logits, dim=dim) * mask
+    logits = logits.float().masked_fill(~mask, torch.finfo(torch.float32).min)
+    if logits.size(dim) == 0:  # nothing to attend to (no memory slots)
+        return logits
+    exp = (logits - logits.detach().amax(dim, keepdim=True)).exp() * mask
+    return exp * exp.sum(dim, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
 
 
 class AlignmentHeads(nn.Module):
@@ -119,17 +127,17 @@ class VisualExpert(nn.Module):
 
     def tables(self, candidate_images, candidate_vectors, memory_keys, memory_values) -> torch.Tensor:
         """candidate_images (u_c, Dv), candidate_vectors (u_c, d) = e_c, memory_keys (u_m, Dv) = key(x_m),
-        memory_values (u_m, d) = v_m -> (u_c, u_m, 2): attention logit, read-out W_out v_m . e_c."""
+        memory_values (u_m, d) = v_m -> (2, u_c, u_m): attention logit, read-out W_out v_m . e_c."""
         logits = (self.query(candidate_images) @ memory_keys.T) * self.log_scale.exp()  # (u_c, u_m)
         readout = score(candidate_vectors, F.linear(memory_values, self.out.weight))  # (u_c, u_m)
-        return torch.stack([logits, readout], -1)
+        return torch.stack([logits, readout])
 
     def forward(self, columns, bias, mask, candidate_vectors, reads: MemoryReads):
-        """columns (N, C, K, 2) = ``tables`` at the read entries, bias and mask (N, C, K)
+        """columns (2, N, C, K) = ``tables`` at the read entries, bias and mask (N, C, K)
         -> E . e_c (N, C), attention (N, C, K)."""
-        weights = masked_softmax(columns[..., 0] + bias, mask)  # (N, C, K)
+        weights = masked_softmax(columns[0] + bias, mask)  # (N, C, K)
         offset = reads.rows(candidate_vectors @ self.out.bias)  # (N|1, C) b_out . e_c
-        return (weights * columns[..., 1]).sum(-1) + offset, weights
+        return (weights * columns[1]).sum(-1) + offset, weights
 
     def outputs(self, weights, memory_values, reads: MemoryReads) -> torch.Tensor:
         """(N, C, K) attention, (u_m, d) values -> E (N, C, d)."""
@@ -157,7 +165,7 @@ class SemanticExpert(nn.Module):
 
     def tables(self, candidate_vectors, memory_keys, memory_values) -> torch.Tensor:
         """candidate_vectors (u_c, d) = e_c, memory_keys (u_m, d) = key(t_m), memory_values (u_m, d)
-        -> (u_c, u_m, 2 nh): each head's attention logit, then each head's read-out."""
+        -> (2 nh, u_c, u_m): each head's attention logit, then each head's read-out."""
         u_c, d = candidate_vectors.shape
         nh, hs = self.num_heads, d // self.num_heads
         q = self.query(self.norm(candidate_vectors)).view(u_c, nh, hs).transpose(0, 1)  # (nh, u_c, hs)
@@ -168,15 +176,15 @@ class SemanticExpert(nn.Module):
         w = self.out.weight.view(d, nh, hs).transpose(0, 1)  # (nh, d, hs)
         projected = v @ w.transpose(1, 2)  # (nh, u_m, d) W_out[:, h] v_hm
         readout = torch.stack([score(candidate_vectors, head) for head in projected])  # (nh, u_c, u_m)
-        return torch.cat([logits, readout]).permute(1, 2, 0)  # (u_c, u_m, 2 nh)
+        return torch.cat([logits, readout])  # (2 nh, u_c, u_m)
 
     def forward(self, columns, bias, mask, candidate_vectors, reads: MemoryReads):
-        """columns (N, C, K, 2 nh) = ``tables`` at the read entries, bias and mask (N, C, K)
+        """columns (2 nh, N, C, K) = ``tables`` at the read entries, bias and mask (N, C, K)
         -> E . e_c (N, C), attention (N, C, K, nh)."""
         nh = self.num_heads
-        weights = masked_softmax(columns[..., :nh] + bias[..., None], mask[..., None], dim=2)  # (N, C, K, nh)
+        weights = masked_softmax(columns[:nh] + bias, mask)  # (nh, N, C, K): softmax along the contiguous K
         offset = (candidate_vectors * candidate_vectors).sum(-1) + candidate_vectors @ self.out.bias  # (u_c,)
-        return (weights * columns[..., nh:]).sum((2, 3)) + reads.rows(offset), weights
+        return (weights * columns[nh:]).sum((0, 3)) + reads.rows(offset), weights.permute(1, 2, 3, 0)
 
     def outputs(self, weights, candidate_rows, memory_values, reads: MemoryReads) -> torch.Tensor:
         """(N, C, K, nh) attention, (N|1, C, d) e_c, (u_m, d) values -> E (N, C, d)."""

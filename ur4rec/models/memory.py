@@ -211,16 +211,17 @@ class MemoryReads:
     n_entries: int  # u_m
 
     def gather(self, table: torch.Tensor) -> torch.Tensor:
-        """(u_c, u_m, T) tables -> (N, C, K, T): every table's value at each read (candidate, entry).
+        """(T, u_c, u_m) tables -> (T, N, C, K): every table's value at each read (candidate, entry).
 
-        One row gather for all T tables: each read fetches T adjacent floats.
+        Table-major, so that the experts' softmax over the K entries runs along the last,
+        contiguous axis and the tables (stacked matrix products) need no transposing copy.
         """
         C = self.entries.size(1)
         candidates = self.candidate_index if self.candidate_index is not None else \
             torch.arange(C, device=self.entries.device)[None]  # (N|1, C)
         flat = candidates[:, :, None] * self.n_entries + self.entries  # (N, C, K) into u_c * u_m
-        T = table.size(-1)
-        return table.reshape(-1, T).index_select(0, flat.reshape(-1)).view(*flat.shape, T)
+        T = table.size(0)
+        return table.reshape(T, -1).gather(1, flat.reshape(1, -1).expand(T, -1)).view(T, *flat.shape)
 
     def rows(self, values: torch.Tensor) -> torch.Tensor:
         """(u_c, ...) per distinct candidate -> (N, C, ...), or (1, C, ...) when candidates are shared."""

@@ -265,20 +265,20 @@ class UR4Rec(nn.Module):
         entry_modality = (self.item_image_mask.long() + 2 * self.item_text_mask.long())[rows.memory_unique][reads.entries]
 
         expert_scores, available, maps, extra = {}, [], {}, {}
-        tables = []  # every memory expert's (u_c, u_m, t) tables, gathered in one pass below
+        tables = []  # every memory expert's (t, u_c, u_m) tables, gathered in one pass below
         visual = "visual" in self.experts and self.has_images
         if visual:
             tables.append(self.experts["visual"].tables(self.item_image[unique], e, rows.visual_keys,
                                                         rows.visual_values))
         if "semantic" in self.experts:
             tables.append(self.experts["semantic"].tables(e, rows.semantic_keys, rows.semantic_values))
-        columns = reads.gather(torch.cat(tables, -1)) if tables else None  # (N, C, K, T)
+        columns = reads.gather(torch.cat(tables)) if tables else None  # (T, N, C, K)
         if visual:
             mask = reads.valid & (entry_modality % 2 == 1)  # (N, C, K) entries with an image
             expert_scores["visual"], maps["visual"] = self.experts["visual"](
-                columns[..., :2], reads.bias, mask, e, reads)
+                columns[:2], reads.bias, mask, e, reads)
             available.append(has_image & mask.any(-1))
-            columns = columns[..., 2:]
+            columns = columns[2:]
         elif "visual" in self.experts:  # no images at all: unavailable everywhere, weight exactly 0
             expert_scores["visual"] = e.new_zeros(N, C)
             maps["visual"] = e.new_zeros(reads.entries.shape)
@@ -299,8 +299,7 @@ class UR4Rec(nn.Module):
                 rows.states, images, texts, extra["fusion_values"], e, reads, tokens)
             available.append(tokens.any(-1))
 
-        backbone_scores = score(rows.states, e) if candidate_index is None else \
-            score(rows.states, e[candidate_index])  # (N, C) exactly SASRec's score
+        backbone_scores = reads.select(score(rows.states, e))  # (N, u_c) -> (N, C) exactly SASRec's score
         base_scores = backbone_scores
         if rows.similarity is not None:
             base_scores = backbone_scores + _at(rows.similarity, candidates)

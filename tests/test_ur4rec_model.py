@@ -253,6 +253,25 @@ def test_masked_softmax_exact_zeros_and_empty_rows():
     assert torch.isfinite(logits.grad).all()
 
 
+
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_masked_softmax_matches_softmax_over_the_allowed_entries(dim):
+    """The written-out softmax agrees with torch.softmax on the allowed entries, values and gradients."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 6, 5, generator=generator) * 5).requires_grad_()
+    mask = torch.rand(4, 6, 5, generator=generator) > 0.3
+    mask.select(dim, 0).fill_(True)  # every row along dim keeps an allowed entry
+    upstream = torch.randn(4, 6, 5, generator=generator)
+    reference = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=dim)
+    (expected_grad,) = torch.autograd.grad((reference * upstream).sum(), logits)
+    weights = masked_softmax(logits, mask, dim=dim)
+    (grad,) = torch.autograd.grad((weights * upstream).sum(), logits)
+    assert torch.allclose(weights, reference, atol=1e-6)
+    assert torch.allclose(grad, expected_grad, atol=1e-5)
+    half = masked_softmax(logits.detach().bfloat16(), mask, dim=dim)  # bf16 in, float32 out
+    assert half.dtype == torch.float32 and torch.allclose(half, reference.detach(), atol=0.05)
+
+
 # --------------------------------------------------------------------------- parameters, buffers, init
 
 

@@ -38,6 +38,16 @@ COLUMNS = [("test", "full", "hr@10"), ("test", "full", "ndcg@10"), ("test", "sam
            ("test", "sampled", "ndcg@10"), ("valid", "full", "ndcg@10")]
 
 
+def in_stage_order(rows: dict) -> list:
+    """Keys with Stage 1, Stage 2 and Stage 3 first (in that order), then the ablations as run."""
+    def rank(name: str) -> int:
+        for position, prefix in enumerate(("stage 1", "stage 2", "stage 3 (UR4Rec)", "stage 3 full")):
+            if name.startswith(prefix):
+                return position
+        return 4
+    return sorted(rows, key=rank)  # stable: ablations keep their order
+
+
 def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
@@ -110,7 +120,8 @@ def print_paired(stage_dirs: dict[str, list[Path]]) -> None:
         if reference_name not in stage_dirs:
             continue
         print(f"\n{title}, paired over users (NDCG@10 difference ± standard error):")
-        for name, folders in stage_dirs.items():
+        for name in in_stage_order(stage_dirs):
+            folders = stage_dirs[name]
             if name == reference_name or (reference_name.startswith("stage 3") and "ablation" not in name):
                 continue
             rows = compare(stage_dirs[reference_name], folders, ("ndcg@10",))
@@ -123,11 +134,11 @@ def print_table(table, seconds, eval_seconds, n_users) -> None:
     header = "| model | " + " | ".join(f"{split} {protocol} {metric}" for split, protocol, metric in COLUMNS) + " |"
     print("\n" + header)
     print("|" + "---|" * (len(COLUMNS) + 1))
-    for name, row in table.items():
-        print(f"| {name.strip()} | " + " | ".join(mean_std(row[key]) for key in COLUMNS) + " |")
+    for name in in_stage_order(table):
+        print(f"| {name.strip()} | " + " | ".join(mean_std(table[name][key]) for key in COLUMNS) + " |")
     print("\nseconds per epoch (mean over seeds):")
-    for name, values in seconds.items():
-        print(f"  {name:<28} {np.mean(values):.2f}")
+    for name in in_stage_order(seconds):
+        print(f"  {name:<28} {np.mean(seconds[name]):.2f}")
     if eval_seconds:
         print(f"full-ranking evaluation of all {n_users} users, Stage 3: {np.mean(eval_seconds):.2f} s")
     if "stage 3 (UR4Rec)" in table:

@@ -89,6 +89,22 @@ class EvalResult:
     rank_sampled: np.ndarray  # (U,) 1-based
 
 
+def excluded_items(inputs: EvalInputs, rows, n_columns: int, exclude_seen: bool,
+                   targets: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, n_columns) bool: what full ranking leaves out for ``inputs``' users at ``rows``: the
+    padding id, their seen items when ``exclude_seen``; ``targets`` (B,), if given, always take
+    part (on the targets' device)."""
+    seen = inputs.seen[rows]
+    device = targets.device if targets is not None else seen.device
+    excluded = torch.zeros(seen.size(0), n_columns, dtype=torch.bool, device=device)
+    excluded[:, 0] = True  # the padding id is not an item
+    if exclude_seen:
+        excluded.scatter_(1, seen.to(device), True)
+    if targets is not None:
+        excluded[torch.arange(len(targets), device=device), targets] = False
+    return excluded
+
+
 @torch.no_grad()
 def evaluate(model, inputs: EvalInputs, config: EvalConfig, device: str = "cpu") -> EvalResult:
     """Rank every user's held-out item; metrics are averaged over users."""
@@ -103,12 +119,7 @@ def evaluate(model, inputs: EvalInputs, config: EvalConfig, device: str = "cpu")
         if not torch.isfinite(scores).all():
             raise FloatingPointError(f"non-finite scores while evaluating {inputs.split}")
         targets = inputs.targets[rows].to(device)
-        B = scores.size(0)
-        excluded = torch.zeros_like(scores, dtype=torch.bool)
-        excluded[:, 0] = True  # the padding id is not an item
-        if config.exclude_seen:
-            excluded.scatter_(1, inputs.seen[rows].to(device), True)
-        excluded[torch.arange(B, device=device), targets] = False  # the target always takes part
+        excluded = excluded_items(inputs, rows, scores.size(1), config.exclude_seen, targets)
         target_scores = scores.gather(1, targets[:, None]).squeeze(1)  # (B,)
         rank_full.append(rank_of_target(scores, target_scores, excluded).cpu())
         candidate_scores = scores.gather(1, inputs.candidates[rows].to(device))  # (B, 1 + N)

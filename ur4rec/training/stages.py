@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ur4rec.config import Config
 from ur4rec.data.dataset import SequenceDataset
-from ur4rec.evaluation.evaluate import build_eval_inputs, evaluate, sample_negatives
+from ur4rec.evaluation.evaluate import build_eval_inputs, evaluate, excluded_items, sample_negatives
 from ur4rec.models.losses import (
     UncertaintyWeighting,
     alignment_loss,
@@ -487,12 +487,8 @@ def fit_similarity(model: UR4Rec, inputs, config: Config, max_users: int = 4096)
         users, histories = inputs.users[rows].to(device), inputs.input_ids[rows].to(device)
         term = similarity.terms(users, histories)  # (B, S, V + 1)
         base = model.score_all(users, histories).float() - torch.einsum("k,bkv->bv", current, term)
-        excluded = torch.zeros_like(base, dtype=torch.bool)
-        excluded[:, 0] = True
-        if config.eval.exclude_seen:
-            excluded.scatter_(1, inputs.seen[rows].to(device), True)
         target = inputs.targets[rows].to(device)
-        excluded[torch.arange(len(rows), device=device), target] = False
+        excluded = excluded_items(inputs, rows, base.size(1), config.eval.exclude_seen, target)
         bases.append(base.masked_fill(excluded, float("-inf")))
         terms.append(term)
         targets.append(target)
@@ -650,10 +646,7 @@ def write_internals(folder: Path, model: UR4Rec, dataset: SequenceDataset, input
         batch = slice(start, start + config.eval.batch_size)
         users, histories = inputs.users[batch].to(device), inputs.input_ids[batch].to(device)
         scores = model.score_all(users, histories).float()  # (B, n_items + 1)
-        excluded = torch.zeros_like(scores, dtype=torch.bool)
-        excluded[:, 0] = True  # as in evaluation: no padding, no seen items
-        if config.eval.exclude_seen:
-            excluded.scatter_(1, inputs.seen[batch].to(device), True)
+        excluded = excluded_items(inputs, batch, scores.size(1), config.eval.exclude_seen).to(device)  # as in evaluation
         best = scores.masked_fill(excluded, float("-inf")).topk(k, dim=1).indices  # (B, k)
         candidates = torch.cat([inputs.targets[batch].to(device)[:, None], best], 1)  # (B, 1 + k) target first
         all_candidates.append(candidates)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ur4rec.cli import main
-from ur4rec.evaluation.compare import compare
+from ur4rec.evaluation.compare import compare, other_half_values, read_epoch_ranks
 
 
 def write_stage(folder, valid_ranks, test_ranks, targets=("10", "11", "12")):
@@ -46,3 +46,46 @@ def test_compare_command_prints_the_table_and_names_a_missing_file(tmp_path, cap
     (variant / "valid_ranks.csv").unlink()
     assert main(["compare", "--base", str(base), "--variant", str(variant)]) == 2
     assert "valid_ranks.csv does not exist" in capsys.readouterr().err
+
+
+def write_epoch_ranks(folder, by_epoch, targets=("10", "11", "12")):
+    """by_epoch: {epoch: [rank per user]}"""
+    lines = ["user_id,target_item," + ",".join(f"epoch_{e}" for e in by_epoch)]
+    lines += [f"u{i},{target}," + ",".join(str(ranks[i]) for ranks in by_epoch.values())
+              for i, target in enumerate(targets)]
+    (folder / "valid_ranks_by_epoch.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_other_half_values_score_each_user_at_the_epoch_the_others_chose():
+    # users 0-8 all peak at epoch 0; user 9 hits only at epoch 1, and its own choice must not count
+    ranks = np.array([[1] * 9 + [500], [50] * 9 + [1]])  # (epochs, users)
+    values = other_half_values(ranks, "ndcg@10", halvings=20)
+    assert values[:9] == pytest.approx(np.ones(9)) and values[9] == 0.0
+    # runs whose 30 epochs are all the same model (ranks uniform on 1..20, 300 users): the best
+    # epoch's own figure flatters them, the other half's choice does not (20 runs averaged)
+    truth = sum(1 / np.log2(r + 1.0) for r in range(1, 11)) / 20  # expected NDCG@10
+    rng = np.random.default_rng(0)
+    best, honest = [], []
+    for _ in range(20):
+        noise = rng.integers(1, 21, size=(30, 300))
+        best.append(np.where(noise <= 10, 1 / np.log2(noise + 1.0), 0.0).mean(axis=1).max())
+        honest.append(other_half_values(noise, halvings=10).mean())
+    assert np.mean(best) > truth + 0.02  # measured: +0.033
+    assert abs(np.mean(honest) - truth) < 0.01  # measured: +0.001, standard error 0.003
+    assert (other_half_values(ranks, "hr@1", halvings=20) == values).all()  # rank 1 either way
+
+
+def test_compare_adds_the_other_half_rows_when_every_run_kept_its_epochs(tmp_path):
+    base = write_stage(tmp_path / "a", [1, 2, 3], [1, 1, 1])
+    variant = write_stage(tmp_path / "b", [1, 1, 1], [1, 1, 1])
+    write_epoch_ranks(base, {1: [1, 2, 3], 2: [5, 5, 5]})
+    assert {row["split"] for row in compare([base], [variant])} == {"valid", "test"}  # one side lacks them
+    write_epoch_ranks(variant, {1: [1, 1, 1], 2: [9, 9, 9], 3: [4, 4, 4]})
+    rows = {(row["split"], row["metric"]): row for row in compare([base], [variant], ("hr@1",))}
+    # epoch 1 wins on any half of either run, so the other half's values are epoch 1's
+    assert rows["valid-oh", "hr@1"]["base"] == pytest.approx(1 / 3)
+    assert rows["valid-oh", "hr@1"]["difference"] == pytest.approx(2 / 3)
+    assert read_epoch_ranks(variant)[1] == [1, 2, 3]
+    (variant / "valid_ranks_by_epoch.csv").write_text("user_id,target_item,epoch_1\nu0,10,1\nu1,11,x\nu2,12,1\n")
+    with pytest.raises(ValueError, match="line 3: a rank is not an integer"):
+        compare([base], [variant])

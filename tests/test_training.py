@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from ur4rec.cli import main
-from ur4rec.evaluation import Popularity, build_eval_inputs, evaluate, sample_negatives
+from ur4rec.evaluation import Popularity, build_eval_inputs, evaluate, metrics_from_ranks, sample_negatives
+from ur4rec.evaluation.compare import read_epoch_ranks, read_ranks
 from ur4rec.rundir import prepare_run
 from ur4rec.training import trainer
 from ur4rec.training.checkpoint import CheckpointError, load_model
@@ -74,6 +75,14 @@ def test_checkpoint_round_trip_and_best_epoch_kept(smoke_config, synthetic, tmp_
     assert valid["full"]["ndcg@10"] == pytest.approx(info["best"]["value"], abs=1e-9)
     saved = json.loads((stage / "metrics.json").read_text())
     assert valid == saved["valid"]
+    # every validated epoch's ranks; the best epoch's column is valid_ranks.csv's rank_full
+    keys, epochs, by_epoch = read_epoch_ranks(stage)
+    assert epochs == [record["epoch"] for record in log if "valid" in record]
+    best_keys, best_ranks = read_ranks(stage, "valid")
+    assert keys == best_keys and by_epoch.shape == (len(epochs), synthetic.n_users)
+    assert by_epoch[epochs.index(info["epoch"])].tolist() == best_ranks.tolist()
+    for record, ranks in zip([r for r in log if "valid" in r], by_epoch):
+        assert metrics_from_ranks(ranks, [10])["ndcg@10"] == pytest.approx(record["valid"]["full"]["ndcg@10"])
 
 
 def test_checkpoint_with_a_missing_key_is_refused(smoke_config, synthetic, tmp_path):
@@ -174,6 +183,9 @@ def test_cli_stages_and_ablations(tmp_path, capsys, monkeypatch):
         for name in ["model.safetensors", "checkpoint.json", "log.jsonl", "metrics.json", "test_ranks.csv",
                      "internals/gate.json", "internals/router_weights.csv"]:
             assert (run_dir / f"stage{stage}" / name).exists(), (stage, name)
+        _, epochs, by_epoch = read_epoch_ranks(run_dir / f"stage{stage}")  # epoch 0 = the loaded weights
+        best = json.loads((run_dir / f"stage{stage}/checkpoint.json").read_text())["epoch"]
+        assert epochs == [0, 1, 2] and by_epoch[best].tolist() == read_ranks(run_dir / f"stage{stage}", "valid")[1].tolist()
     assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "3"]) == 0
     assert "every metric matches" in capsys.readouterr().out
     info = json.loads((run_dir / "stage3/checkpoint.json").read_text())  # the fitted weights, as saved

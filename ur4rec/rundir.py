@@ -10,6 +10,7 @@
     RUN/stageN/metrics.json          {"valid"|"test": {"full"|"sampled": {"hr@10": ...}}}
     RUN/stageN/test_ranks.csv        user_id,target_item,rank_full,rank_sampled (1-based)
     RUN/stageN/valid_ranks.csv       the same for the validation item
+    RUN/stageN/valid_ranks_by_epoch.csv  user_id,target_item,epoch_E,...: the validation rank after each validated epoch
     RUN/baselines/pop/metrics.json   the Pop baseline in the same harness
 """
 
@@ -55,9 +56,13 @@ def prepare_run(run_dir: Path, config: Config, dataset: SequenceDataset) -> Path
 def write_json(path: Path, payload: dict) -> None:
     """Write ``path`` whole or not at all: a reader (another command on the same run directory)
     sees the old file or the new one, never a torn one, and a failed write keeps the old file."""
+    write_text_whole(path, json.dumps(payload, indent=2))
+
+
+def write_text_whole(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (see :func:`write_json`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=2)
     # one temporary name per writer (process and thread), so concurrent writers never share one
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -78,6 +83,34 @@ def write_ranks(path: Path, dataset: SequenceDataset, split: str, rank_full: np.
         for user in range(dataset.n_users):
             writer.writerow([dataset.user_raw_ids[user], dataset.item_raw_ids[targets[user]],
                              int(rank_full[user]), int(rank_sampled[user])])
+
+
+class EpochRanks:
+    """``valid_ranks_by_epoch.csv``: each validated epoch's full-ranking rank of every user's
+    validation item (raw ids, 1-based), one column ``epoch_E`` per epoch, rewritten whole after
+    each validation so a stopped run keeps what it validated.
+
+    The best epoch's column is ``valid_ranks.csv``'s ``rank_full``. With all the columns, a
+    comparison can choose the epoch on some users and score it on the others
+    (:func:`ur4rec.evaluation.compare.other_half_values`): the best epoch's own validation
+    figure is the maximum of many noisy ones and flatters the run.
+    """
+
+    def __init__(self, path: Path, dataset: SequenceDataset, split: str = "valid") -> None:
+        self.path = Path(path)
+        targets = dataset.target(split)
+        self.keys = [f"{dataset.user_raw_ids[user]},{dataset.item_raw_ids[targets[user]]}"
+                     for user in range(dataset.n_users)]
+        self.epochs: list[int] = []
+        self.ranks: list[np.ndarray] = []
+
+    def add(self, epoch: int, rank_full: np.ndarray) -> None:
+        self.epochs.append(epoch)
+        self.ranks.append(np.asarray(rank_full, dtype=np.int64))
+        table = np.stack(self.ranks, axis=1)  # (users, epochs)
+        header = ",".join(["user_id", "target_item", *(f"epoch_{e}" for e in self.epochs)])
+        rows = [f"{key},{','.join(map(str, ranks))}" for key, ranks in zip(self.keys, table.tolist())]
+        write_text_whole(self.path, "\n".join([header, *rows]) + "\n")
 
 
 def append_log(path: Path, record: dict) -> None:

@@ -69,8 +69,13 @@ def paired_difference(ranks_a: list[np.ndarray], ranks_b: list[np.ndarray], metr
     user sample (943 users on ML-100K), the noise a comparison on one validation set carries;
     seed noise is in it too, since each user's mean over seeds still varies with the seeds.
     """
-    a = np.mean([per_user(r, metric) for r in ranks_a], axis=0)
-    b = np.mean([per_user(r, metric) for r in ranks_b], axis=0)
+    return paired_difference_of_values([per_user(r, metric) for r in ranks_a],
+                                       [per_user(r, metric) for r in ranks_b])
+
+
+def paired_difference_of_values(values_a: list[np.ndarray], values_b: list[np.ndarray]) -> tuple[float, float]:
+    """:func:`paired_difference` from per-user metric values (one (U,) array per seed) instead of ranks."""
+    a, b = np.mean(values_a, axis=0), np.mean(values_b, axis=0)
     if a.shape != b.shape or a.size < 2:
         raise ValueError(f"need the same two or more users on both sides, got {a.shape} and {b.shape}")
     difference = b - a

@@ -60,7 +60,7 @@ from ur4rec.models.losses import sample_negatives as sample_training_negatives
 from ur4rec.models.memory import UserMemory, build_memory, combined_item_features, empty_memory
 from ur4rec.models.scoring import score
 from ur4rec.models.ur4rec_model import EXPERTS, UR4Rec
-from ur4rec.rundir import append_log, stage_dir, write_json, write_ranks
+from ur4rec.rundir import EpochRanks, append_log, stage_dir, write_json, write_ranks
 from ur4rec.training.checkpoint import CheckpointError, read_checkpoint_info, save_checkpoint
 from ur4rec.training.trainer import (
     NonFiniteLossError,
@@ -561,7 +561,10 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
     # Epoch 0 = the loaded weights (similarity weights fitted): the stage keeps them unless an epoch
     # beats them on validation (continued training first regresses from a validation maximum).
     weights = fit_similarity(model, valid_inputs, config)
-    best_value = evaluate(model, valid_inputs, config.eval, device).metrics["full"][config.eval.select_metric]
+    result = evaluate(model, valid_inputs, config.eval, device)
+    epoch_ranks = EpochRanks(out / "valid_ranks_by_epoch.csv", dataset)
+    epoch_ranks.add(0, result.rank_full)
+    best_value = result.metrics["full"][config.eval.select_metric]
     best_epoch, waited, epoch_seconds = 0, 0, []
     save_checkpoint(out, model, {**base_info, "epoch": 0, "similarity_weights": weights, "best": {
         "metric": f"valid/full/{config.eval.select_metric}", "value": best_value}})
@@ -579,8 +582,9 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
             record["log_variances"] = {k: float(v) for k, v in uncertainty.log_variances.items()}
         if epoch % config.train.eval_every == 0 or epoch == epochs:
             weights = fit_similarity(model, valid_inputs, config)
-            valid = evaluate(model, valid_inputs, config.eval, device).metrics
-            record["valid"] = valid
+            result = evaluate(model, valid_inputs, config.eval, device)
+            epoch_ranks.add(epoch, result.rank_full)
+            valid = record["valid"] = result.metrics
             if weights:
                 record["similarity_weights"] = weights
             value = valid["full"][config.eval.select_metric]

@@ -36,7 +36,7 @@ from ur4rec.models.losses import LOSSES, recommendation_loss
 from ur4rec.models.losses import sample_negatives as sample_training_negatives
 from ur4rec.precision import autocast as precision_autocast
 from ur4rec.precision import resolve_precision
-from ur4rec.rundir import append_log, stage_dir, write_json, write_ranks
+from ur4rec.rundir import EpochRanks, append_log, stage_dir, write_json, write_ranks
 from ur4rec.training.checkpoint import build_model, load_model, save_checkpoint
 
 
@@ -186,6 +186,7 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
     negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
     valid_inputs = build_eval_inputs(dataset, "valid", config.data.max_len, negatives)
 
+    epoch_ranks = EpochRanks(out / "valid_ranks_by_epoch.csv", dataset)
     best_value, best_epoch, waited, epoch_seconds = -1.0, 0, 0, []
     start_all = time.perf_counter()
     bar = tqdm(range(1, config.train.epochs + 1), desc="stage 1", unit="epoch", disable=not config.train.progress)
@@ -197,8 +198,9 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
         record = {"epoch": epoch, "seconds": round(epoch_seconds[-1], 4), "train_loss": train_loss,
                   "lr": optimizer.param_groups[0]["lr"]}
         if epoch % config.train.eval_every == 0 or epoch == config.train.epochs:
-            valid = evaluate(model, valid_inputs, config.eval, config.train.device).metrics
-            record["valid"] = valid
+            result = evaluate(model, valid_inputs, config.eval, config.train.device)
+            epoch_ranks.add(epoch, result.rank_full)
+            valid = record["valid"] = result.metrics
             value = valid["full"][config.eval.select_metric]
             if value > best_value:
                 best_value, best_epoch, waited = value, epoch, 0

@@ -47,7 +47,7 @@ SETTINGS = {
     "dropout0.1": ["model.dropout=0.1"],
     "dropout0.3-b64": ["model.dropout=0.3", "train.batch_size=64", "train.learning_rate=0.001"],
     "heads2": ["model.num_heads=2"],
-    "layers3": ["model.num_layers=3"],
+    "layers2": ["model.num_layers=2"],
 }
 PEERS = {"RecBole SASRec (CE)": (235.0, 0.221, 0.111), "pmixer SASRec (BCE)": (4.5, 0.187, 0.099)}
 

@@ -7,7 +7,8 @@ that Stage-1 checkpoint (`ur4rec.training.ablate`), all chosen by validation NDC
 Prints test metrics (full and sampled), epoch time of each stage, the time of one
 full-ranking evaluation of all users by the Stage-3 model ("full" variant), and each model's
 difference from Stage 1, and each ablation's from full Stage 3, paired over users (each user's
-NDCG@10 averaged over the seeds) with its standard error, on validation and test.
+NDCG@10 averaged over the seeds) with its standard error, on validation, test and valid-oh
+(validation at the epoch the other half of the users chose: `ur4rec compare`).
 """
 
 from __future__ import annotations

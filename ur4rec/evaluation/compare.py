@@ -8,7 +8,7 @@ validation set is 943 users: differences under about two standard errors are wit
 picking other users would change.
 
 A run's validation figure belongs to the epoch that scored best on those same users, so it
-flatters the run (by about 0.005 NDCG@10 for Stage 1 on ML-100K), and the more so the noisier
+flatters the run (by about 0.006 NDCG@10 for Stage 1 on ML-100K), and the more so the noisier
 its validation curve and the longer it ran. Where every directory has
 ``valid_ranks_by_epoch.csv`` the comparison adds the split ``valid-oh`` ("other half"): each
 user's value at the epoch chosen by the other half of the users (:func:`other_half_values`),

@@ -462,7 +462,8 @@ def train_multimodal_epoch(model: UR4Rec, optimizer, trainable: dict, windows, c
 def similarity_fit_inputs(model: UR4Rec, inputs, config: Config, rows: torch.Tensor):
     """What the similarity weights are fitted on, for the users at ``rows`` of ``inputs``:
     (base (N, V+1) scores without the similarity terms, -inf where the ranking leaves an item
-    out; terms (N, S, V+1); targets (N,)). The weights then enter as ``base + w . terms``."""
+    out; terms (N, S, V+1); targets (N,)). The weights then enter as ``base + w . terms``.
+    Put the model in eval mode first (dropout would make the scores noise)."""
     similarity = model.similarity
     device = similarity.weight.device
     current = similarity.weight.detach().float()

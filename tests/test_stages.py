@@ -25,6 +25,7 @@ from ur4rec.training.stages import (
     group_of,
     load_stage_model,
     load_stage_weights,
+    recent_items,
     sampled_candidates,
     stage_spec,
     train_stage,
@@ -115,8 +116,13 @@ def test_stage_specs_cover_every_group():
         assert not set(spec.train) & set(spec.freeze), stage
         assert set(spec.train) | set(spec.freeze) == set(PARAMETER_GROUPS), stage
         assert set(spec.load) <= set(PARAMETER_GROUPS)
-    assert {"item_embedding", "backbone"} <= set(STAGES[2].freeze)
-    assert STAGES[3].freeze == ("item_embedding", "similarity") and "backbone" in STAGES[3].train  # similarity: fitted
+    experts = tuple(f"experts.{name}" for name in ("visual", "semantic", "preference", "fusion"))
+    assert set(STAGES[1].train) == {"item_embedding", "backbone"} and STAGES[1].load == ()
+    assert set(STAGES[2].train) == {*experts, "alignment"}  # the experts and their projections
+    assert set(STAGES[2].load) == {"item_embedding", "backbone"} and STAGES[2].previous == 1
+    assert set(STAGES[3].train) == {"backbone", *experts, "alignment", "memory", "router", "gate"}
+    assert STAGES[3].freeze == ("item_embedding", "similarity")  # similarity: fitted, not trained
+    assert set(STAGES[3].load) == set(PARAMETER_GROUPS) and STAGES[3].previous == 2  # everything Stage 2 saved
     assert stage_spec(3, skip_stage2=True).previous == 1
     assert group_of("experts.visual.query.weight", PARAMETER_GROUPS) == "experts.visual"
     assert group_of("backbone.blocks.0.attention.qkv.weight", PARAMETER_GROUPS) == "backbone"
@@ -182,6 +188,27 @@ def test_similarity_weights_are_fitted_to_the_validation_cross_entropy(setup):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_similarity_weights_are_only_ever_fitted_on_validation_items(setup, three_stages, tmp_path, monkeypatch):
+    config, dataset, features = setup
+    run, _ = three_stages
+    prepare_run(tmp_path, config, dataset)
+    shutil.copytree(run / "stage1", tmp_path / "stage1")
+    fitted_on = []
+    fit = stages.fit_similarity
+
+    def spy(model, inputs, config, *args, **kwargs):
+        fitted_on.append(inputs.targets.clone())
+        return fit(model, inputs, config, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "fit_similarity", spy)
+    train_stage(config.override(["train.epochs=2"]), dataset, features, tmp_path, 2)
+    negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
+    valid = build_eval_inputs(dataset, "valid", config.data.max_len, negatives).targets
+    test = build_eval_inputs(dataset, "test", config.data.max_len, negatives).targets
+    assert not torch.equal(valid, test)
+    assert len(fitted_on) == 3 and all(torch.equal(targets, valid) for targets in fitted_on)  # epoch 0, 1, 2
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -221,6 +248,37 @@ def test_stage1_groups_load_and_a_missing_group_is_an_error(setup, tmp_path):
     assert torch.equal(fresh.backbone.final_norm.bias, before)  # nothing half-loaded
 
 
+def test_a_reshaped_key_is_a_load_error_and_nothing_loads(setup, tmp_path):
+    config, dataset, features = setup
+    save_stage1(setup, tmp_path / "stage1")
+    weights = tmp_path / "stage1" / "model.safetensors"
+    state = load_file(str(weights))
+    state["backbone.final_norm.weight"] = torch.ones(1)  # broadcastable, so a plain copy_ would take it
+    save_file(state, str(weights))
+    model = build_ur4rec(config, dataset, features)
+    before = model.item_embedding.weight.clone()
+    with pytest.raises(StageLoadError, match=r"shape mismatch \['backbone.final_norm.weight'\]"):
+        load_stage_weights(model, tmp_path / "stage1", STAGES[2])
+    assert torch.equal(model.item_embedding.weight, before)
+
+
+def test_a_previous_stage_from_other_data_or_without_weights_is_refused(setup, three_stages, tmp_path):
+    config, dataset, features = setup
+    run, _ = three_stages
+    prepare_run(tmp_path, config, dataset)
+    shutil.copytree(run / "stage1", tmp_path / "stage1")
+    info_path = tmp_path / "stage1" / "checkpoint.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "data_fingerprint": "0123456789abcdef"}))
+    with pytest.raises(StageOrderError, match="trained on data 0123456789abcdef"):
+        train_stage(config, dataset, features, tmp_path, 2)
+    info_path.write_text(json.dumps(info))
+    (tmp_path / "stage1" / "model.safetensors").unlink()
+    with pytest.raises(StageOrderError, match="model.safetensors is missing"):
+        train_stage(config, dataset, features, tmp_path, 2)
+    assert not (tmp_path / "stage2").exists()
+
+
 def test_stage3_needs_stage2_groups_from_a_stage2_checkpoint(setup, tmp_path):
     config, dataset, features = setup
     save_stage1(setup, tmp_path / "stage1")
@@ -244,6 +302,40 @@ def test_memory_is_built_from_the_train_part_only(setup):
         for position in range(len(train_sequence) + 1):  # nothing from the target's position on
             assert set(memory.snapshot(user, position)) <= set(train_sequence[:position].tolist())
     assert leaks == 0
+
+
+def test_training_rows_read_memory_and_history_from_before_their_target(setup, monkeypatch):
+    config, dataset, features = setup
+    model = build_ur4rec(config, dataset, features)
+    calls = {}
+    read_memory, score_rows = model.read_memory, model.score_rows
+
+    def read_spy(users, states, recent, before=None):
+        rows = read_memory(users, states, recent, before)
+        calls["read"] = (users, recent, before, rows.memory_items)
+        return rows
+
+    def score_spy(rows, candidates, *args, **kwargs):
+        calls["targets"] = candidates[:, 0]  # sampled mode: the target is each row's first candidate
+        return score_rows(rows, candidates, *args, **kwargs)
+
+    monkeypatch.setattr(model, "read_memory", read_spy)
+    monkeypatch.setattr(model, "score_rows", score_spy)
+    x, y, t, users = one_batch(config, dataset)
+    training_losses(model, x, y, t, users, config, torch.Generator().manual_seed(0))
+    row_users, recent, before, memory_items = calls["read"]
+    assert before is not None and len(row_users) == len(calls["targets"]) == int((y > 0).sum(1).clamp(
+        max=config.moe.rows_per_window).sum())  # up to rows_per_window targets of each of the 8 windows
+    W = model.memory.short_term_size
+    for r in range(len(row_users)):
+        sequence = dataset.train_sequence(int(row_users[r]))
+        position = int(before[r])
+        assert sequence[position] == calls["targets"][r], r  # ``before`` is the target's own train position
+        history = sequence[:position].tolist()
+        real = recent[r][recent[r] > 0].tolist()  # the short-term tier and the similarity terms read these
+        assert 0 < len(real) <= position and real == history[len(history) - len(real):], r
+        stored = set(memory_items[r][W:][memory_items[r][W:] > 0].tolist())
+        assert stored <= set(history), r  # the long-term tier as it stood just before the target
 
 
 def test_window_positions_match_training_windows(setup):
@@ -363,3 +455,53 @@ def test_other_training_candidate_modes_and_uncertainty_weighting_train(setup, m
     assert all(torch.isfinite(v) for v in losses.values()) and "load_balance" in losses
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in trainable["gate"])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 2.0])
+def test_alignment_is_weighted_by_the_targets_surprise(setup, monkeypatch, alpha):
+    config, dataset, features = setup
+    config = config.override([f"moe.surprise_alpha={alpha}"])
+    model = build_ur4rec(config, dataset, features)
+    seen = {}
+    score_rows, alignment = model.score_rows, stages.alignment_loss
+
+    def score_spy(rows, candidates, *args, **kwargs):
+        seen["out"], seen["targets"] = score_rows(rows, candidates, *args, **kwargs), candidates[:, 0]
+        return seen["out"]
+
+    def alignment_spy(projections, embeddings, items, temperature, weights):
+        seen["weights"] = weights
+        return alignment(projections, embeddings, items, temperature, weights)
+
+    monkeypatch.setattr(model, "score_rows", score_spy)
+    monkeypatch.setattr(stages, "alignment_loss", alignment_spy)
+    training_losses(model, *one_batch(config, dataset), config, torch.Generator().manual_seed(0))
+    has_content = model.item_content_mask[seen["targets"]]
+    novelty = seen["out"].novelty[:, 0][has_content]  # the target's novelty w.r.t. the row's memory
+    assert 0 < has_content.sum() and (novelty > 0).any() and (novelty < 1).any()
+    assert torch.allclose(seen["weights"], 1 + alpha * novelty)
+
+
+def test_in_batch_and_full_training_losses_against_a_direct_computation(setup):
+    config, dataset, features = setup
+    x, y, t, users = one_batch(config, dataset)
+    x, y, t, users = (torch.cat([a, a[:2]]) for a in (x, y, t, users))  # two windows twice: duplicate targets
+    for mode in ("in_batch", "full"):
+        mode_config = config.override([f"moe.train_candidates={mode}"])
+        torch.manual_seed(0)
+        model = build_ur4rec(mode_config, dataset, features).eval()  # no dropout: both sides see the same model
+        loss = training_losses(model, x, y, t, users, mode_config)["recommendation"]
+        states, _ = model.encode(x)
+        width = max(model.memory.short_term_size, mode_config.moe.similarity_window)
+        rows = model.read_memory(users, states[:, -1], recent_items(x, width)[:, -1], before=t[:, -1])
+        targets = y[:, -1]  # the newest target of every window
+        N = len(targets)
+        if mode == "in_batch":
+            logits = model.score_rows(rows, targets[None].expand(N, N)).scores.float()
+            duplicate = (targets[None] == targets[:, None]) & ~torch.eye(N, dtype=torch.bool)
+            assert duplicate.any()
+            expected = F.cross_entropy(logits.masked_fill(duplicate, torch.finfo(logits.dtype).min), torch.arange(N))
+        else:
+            logits = model.score_rows(rows, torch.arange(1, dataset.n_items + 1)).scores.float()
+            expected = F.cross_entropy(logits, targets - 1)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5), mode

@@ -1,3 +1,4 @@
+import csv
 import json
 import subprocess
 import sys
@@ -201,10 +202,42 @@ def test_cli_stages_and_ablations(tmp_path, capsys, monkeypatch):
     rows = (run_dir / "ablations.csv").read_text().splitlines()  # a later run adds its rows, in the variants' order
     assert [r.split(",")[0] for r in rows[1:]] == ["no_memory", "gate_off", "skip_stage2"]
     info = json.loads((run_dir / "ablations/skip_stage2/stage3/checkpoint.json").read_text())
-    assert info["skipped"] == ["stage2"]
+    assert info["skipped"] == ["stage2"] and not (run_dir / "ablations/skip_stage2/stage2").exists()
+    table = {row["variant"]: row for row in csv.DictReader((run_dir / "ablations.csv").read_text().splitlines())}
+    assert {name: row["skip_stage2"] for name, row in table.items()} == {
+        "no_memory": "False", "gate_off": "False", "skip_stage2": "True"}
+    assert table["gate_off"]["overrides"] == "moe.gate=none" and table["no_memory"]["overrides"] == "moe.memory=false"
+    for name, key, value in (("gate_off", "gate", "none"), ("no_memory", "memory", False)):  # what each trained with
+        saved = json.loads((run_dir / f"ablations/{name}/stage3/checkpoint.json").read_text())["config"]["moe"]
+        assert saved[key] == value, name
     capsys.readouterr()  # an ablation is a run directory like any other: its metrics reproduce from it alone
     assert main(["evaluate", "--run-dir", str(run_dir / "ablations/no_memory"), "--stage", "3"]) == 0
     assert "every metric matches" in capsys.readouterr().out
+
+
+def test_each_ablation_switches_off_what_it_names(smoke_config):
+    from ur4rec.training.ablate import ablation_variants
+
+    config = smoke_config
+    variants = ablation_variants(config)
+    experts, sources = list(config.moe.experts), list(config.moe.similarity)
+    assert list(variants) == ["full", *(f"no_{e}" for e in experts), *(f"no_{s}_similarity" for s in sources),
+                              "no_memory", "gate_off", "skip_stage2"]
+    resolved = {name: config.override(overrides) for name, (overrides, _) in variants.items()}
+    assert variants["full"] == ([], False) and resolved["full"] == config
+    for expert in experts:
+        assert resolved[f"no_{expert}"].moe.experts == [e for e in experts if e != expert]
+    for source in sources:
+        assert resolved[f"no_{source}_similarity"].moe.similarity == [s for s in sources if s != source]
+    assert resolved["no_memory"].moe.memory is False
+    assert resolved["gate_off"].moe.gate == "none"
+    assert variants["skip_stage2"] == ([], True)
+    assert [name for name, (_, skip) in variants.items() if skip] == ["skip_stage2"]
+    for name, changed in resolved.items():  # each changes only what it names
+        differs = {f"{section}.{key}" for section in ("data", "model", "train", "moe")
+                   for key, value in vars(getattr(changed, section)).items()
+                   if value != getattr(getattr(config, section), key)}
+        assert len(differs) == (0 if name in ("full", "skip_stage2") else 1), (name, differs)
 
 
 def test_ablation_table_keeps_only_rows_from_the_same_stage1(tmp_path):

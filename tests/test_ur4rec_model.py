@@ -111,6 +111,10 @@ def test_output_shapes_in_training_candidate_and_full_ranking_modes():
     assert torch.allclose(per_row, full, atol=1e-5)
     assert torch.allclose(in_batch.scores.diagonal(), full.gather(1, targets[:, None]).squeeze(1), atol=1e-5)
     assert torch.allclose(full_softmax.scores, full[:, 1:], atol=1e-5)
+    # distinct candidate lists per row (sampled training, candidate mode) score as full ranking does
+    assert torch.allclose(model.score_candidates(users, ids, candidates), full.gather(1, candidates), atol=1e-5)
+    sampled_lists = torch.cat([targets[:, None], negatives[None].expand(B, -1)], 1)
+    assert torch.allclose(sampled.scores, full.gather(1, sampled_lists), atol=1e-5)
 
 
 def test_scores_are_the_dot_product_of_z_with_the_candidate():
@@ -151,6 +155,18 @@ def test_experts_off_or_gate_off_is_sasrec(overrides):
     states, _ = model.encode(ids)
     expected = score(states[:, -1], model.item_vectors())
     assert torch.allclose(model.score_all(users, ids), expected, atol=1e-5)
+
+
+def test_a_freshly_built_model_has_zero_similarity_weights():
+    config = make_config("moe.gate=none")
+    features, sequences = make_features(), make_sequences()
+    memory = build_memory(sequences, combined_item_features(features), config.moe.long_term_capacity,
+                          config.moe.novelty_threshold)
+    model = UR4Rec(config, N_ITEMS, N_USERS, features, memory, sequences).eval()
+    assert model.similarity.sources == ("text", "collaborative") and (model.similarity.weight == 0).all()
+    users, ids = batch(3)
+    states, _ = model.encode(ids)
+    assert torch.allclose(model.score_all(users, ids), score(states[:, -1], model.item_vectors()), atol=1e-5)
 
 
 def test_fresh_similarity_weights_score_exactly_as_sasrec_and_learned_ones_add_their_terms():
@@ -243,6 +259,22 @@ def test_router_gives_exactly_zero_weight_to_a_missing_modality():
     assert torch.allclose(out.router_weights.sum(-1), torch.ones(N_USERS, N_ITEMS))  # all rows have some expert
 
 
+def test_memory_experts_attend_only_to_entries_that_have_their_modality():
+    features = make_features(text=0.5, image=0.5)
+    model = make_model(features).eval()
+    users = torch.arange(N_USERS)
+    ids = torch.randint(1, N_ITEMS + 1, (N_USERS, T), generator=torch.Generator().manual_seed(0))
+    out = model(users, ids, torch.arange(1, N_ITEMS + 1).expand(N_USERS, -1), need_weights=True)
+    entries = out.memory_items.gather(1, out.memory_slots.flatten(1)).view_as(out.memory_slots)  # (N, C, K) items
+    no_image = torch.from_numpy(~features.item_image_mask)[entries]
+    no_text = torch.from_numpy(~features.item_text_mask)[entries]
+    assert no_image.any() and (~no_image).any() and no_text.any() and (~no_text).any()
+    assert (out.cross_attentions["visual"][no_image] == 0).all()
+    assert (out.cross_attentions["semantic"][no_text] == 0).all()
+    assert (out.cross_attentions["visual"][~no_image & (entries > 0)] > 0).any()
+    assert (out.cross_attentions["semantic"][~no_text & (entries > 0)] > 0).any()
+
+
 def test_masked_softmax_exact_zeros_and_empty_rows():
     logits = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], requires_grad=True)
     mask = torch.tensor([[True, False, True], [False, False, False]])
@@ -331,6 +363,7 @@ def test_gate_straight_through_keeps_expert_gradients_alive_at_a_small_gate():
         ratio = st[name].norm() / plain[name].norm()
         assert ratio == pytest.approx(1 / g, rel=1e-3), name  # the naive form shrinks them by g
     assert st["experts.visual.query.weight"].norm() > 1e-4 > plain["experts.visual.query.weight"].norm()
+    assert (st["memory.recency_bias"] != 0).all()  # every slot's bias, the long-term tier's (last) included
     # parameters that also act outside the gate keep their exact gradient
     for name in ("alignment.text.weight", "backbone.final_norm.weight", "item_embedding.weight"):
         assert torch.allclose(st[name], plain[name]), name
@@ -341,6 +374,18 @@ def test_gate_none_is_zero_and_not_a_parameter():
     assert list(gate.parameters()) == [] and torch.equal(gate(torch.ones(3)), torch.zeros(3))
     with pytest.raises(ValueError):
         Gate("vector", init=0.1)
+
+
+@pytest.mark.parametrize("expert, projection", [("semantic", "text"), ("visual", "visual")])
+def test_a_memory_experts_values_train_the_alignment_projection(expert, projection):
+    """The memory experts' values are ``alignment.<modality>`` of the entries: the recommendation
+    loss alone (no alignment loss, no other expert) must reach that projection."""
+    model = make_model(make_features(), f"moe.experts=[{expert}]", "moe.similarity=[]").train()
+    users, ids = batch(7)
+    out = model(users, ids, torch.randint(1, N_ITEMS + 1, (len(users), 8)), details=False)
+    F.cross_entropy(out.scores, torch.zeros(len(users), dtype=torch.long)).backward()
+    grad = getattr(model.alignment, projection).weight.grad
+    assert grad is not None and grad.abs().sum() > 0
 
 
 # --------------------------------------------------------------------------- memory
@@ -374,6 +419,30 @@ def test_memory_capacity_and_eviction_by_recency_and_frequency():
     memory.write(3, c, time=60)
     memory.write(4, d, time=61)
     assert sorted(e.item for e in memory.long_term) == [3, 4]
+
+
+def test_memory_novelty_threshold_is_inclusive_and_crf_decays_by_the_half_life():
+    memory = LocalMemory(0, 4, novelty_threshold=0.5)
+    assert memory.write(1, np.array([1.0, 0.0])) is True
+    assert memory.write(2, np.array([0.5, np.sqrt(0.75)])) is False  # cosine 0.5: novelty exactly the threshold
+    assert memory.write(3, np.array([0.0, 1.0])) is True  # cosine 0: novelty 1
+    lrfu = LocalMemory(0, 4, 0.3, half_life=10.0)
+    lrfu.write(1, np.array([1.0, 0.0]), time=0)
+    lrfu.write(1, np.array([1.0, 0.0]), time=10)  # one half-life later: 1 + 1 * 0.5
+    assert lrfu.long_term[0].crf == pytest.approx(1.5) and lrfu.long_term[0].last_access == 10
+    lrfu.write(1, np.array([1.0, 0.0]), time=30)  # two more half-lives: 1 + 1.5 * 0.25
+    assert lrfu.long_term[0].crf == pytest.approx(1.375)
+
+
+def test_memory_eviction_ties_go_to_the_least_recently_accessed():
+    from ur4rec.models.memory import _Entry
+
+    memory = LocalMemory(0, 2, 0.3, half_life=1.0)  # decay exactly 0.5 per step
+    f = np.zeros(2)
+    memory.long_term = [_Entry(1, f, 0, last_access=5, crf=0.25), _Entry(2, f, 0, last_access=3, crf=1.0)]
+    assert memory._least_valuable(5) == 1  # both worth 0.25 at t = 5: item 2 was accessed longer ago
+    memory.long_term.reverse()
+    assert memory._least_valuable(5) == 0
 
 
 def test_build_memory_keeps_the_long_term_tier_as_of_every_position():
@@ -500,6 +569,18 @@ def test_info_nce_instance_weights_against_hand_computation():
     assert weights.tolist() == [1.0, 2.0]
     assert info_nce(queries, keys, labels, t, weights).item() == pytest.approx((first + 2 * second) / 3, rel=1e-4)
     assert info_nce(queries, keys, labels, t).item() == pytest.approx((first + second) / 2, rel=1e-4)
+
+
+def test_alignment_loss_is_the_mean_of_both_weighted_directions():
+    generator = torch.Generator().manual_seed(0)
+    projections, embeddings = torch.randn(4, 5, generator=generator), torch.randn(4, 5, generator=generator)
+    items = torch.tensor([3, 8, 3, 9])  # item 3 twice: one key, the first row's
+    weights = torch.tensor([1.0, 3.0, 0.5, 2.0])
+    index, first = torch.tensor([0, 1, 0, 2]), torch.tensor([0, 1, 3])
+    expected = 0.5 * (info_nce(projections, embeddings[first], index, 0.1, weights)
+                      + info_nce(embeddings, projections[first], index, 0.1, weights))
+    assert alignment_loss(projections, embeddings, items, 0.1, weights).item() == pytest.approx(expected.item())
+    assert alignment_loss(projections, embeddings, items, 0.1).item() != pytest.approx(expected.item(), rel=1e-3)
 
 
 def test_alignment_loss_never_uses_an_item_as_its_own_negative():

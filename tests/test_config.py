@@ -39,3 +39,13 @@ def test_shipped_configs_load():
 
     for path in sorted(Path(__file__).parent.parent.glob("configs/*.yaml")):
         Config.load(path)
+
+
+def test_numbers_and_list_elements_are_type_checked_and_defaults_are_not_shared():
+    for raw in ({"train": {"epochs": None}}, {"train": {"epochs": 3.5}}, {"train": {"label_smoothing": True}},
+                {"eval": {"ks": ["ten"]}}):
+        with pytest.raises(ConfigError):
+            Config.from_dict(raw)
+    config = Config()
+    config.eval.ks.append(99)
+    assert Config().eval.ks == [5, 10, 20]

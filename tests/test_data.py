@@ -225,3 +225,23 @@ def test_bundled_ml100k_loads_with_the_documented_split(capsys):
     assert main(["data", "stats", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "7192b59ac2d69f61" in out and "p50=65" in out and "p100=737" in out
+
+
+def test_training_windows_never_reorder_the_datasets_own_sequences(tmp_path):
+    write_raw_100k(tmp_path / "raw", [(1, i, 3, t) for i, t in zip(range(1, 9), [0, 5, 5, 5, 5, 5, 9, 9])])
+    dataset = load_dataset(DataConfig(path=str(tmp_path / "raw")))
+    before = [sequence.copy() for sequence in dataset.sequences]
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # after every call: a composed shuffle can come back to the start
+        training_windows(dataset, 10, rng, 60)
+        assert all((a == b).all() for a, b in zip(before, dataset.sequences))
+
+
+def test_atomic_item_file_with_a_trailing_blank_line(tmp_path):
+    (tmp_path / "ml-100k.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
+            f"1\t{i}\t3\t{i}\n" for i in (1, 2, 3)))
+    (tmp_path / "ml-100k.item").write_text(
+        "item_id:token\tmovie_title:token_seq\tclass:token_seq\n1\tA (1990)\tDrama\n2\tB\tComedy\n3\tC\tDrama\n\n")
+    dataset = load_dataset(DataConfig(path=str(tmp_path)))
+    assert [meta.title for meta in dataset.item_meta[1:]] == ["A", "B", "C"] and dataset.item_meta[1].year == 1990

@@ -16,6 +16,7 @@ def test_metrics_hand_computed():
     assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(11)) / 4)
     assert m["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 12 + 1 / 10) / 4)
     assert m["mean_rank"] == pytest.approx((1 + 3 + 12 + 10) / 4)
+    assert metrics_from_ranks(np.array([1, 1, 10]), ks=[5])["mean_rank"] == pytest.approx(4.0)  # not the median
 
 
 def test_rank_one_gives_perfect_scores():

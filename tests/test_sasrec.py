@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from ur4rec.config import ModelConfig
 from ur4rec.models.losses import full_softmax_cross_entropy, recommendation_loss
+from ur4rec.models.losses import sample_negatives as training_negatives
 from ur4rec.models.sasrec import SASRec, attention_mask
 
 
@@ -49,6 +50,22 @@ def test_padded_positions_are_zero_and_do_not_influence_real_ones():
     # the same history without the padding columns gives the same last state
     shorter = model(torch.tensor([[5, 6, 7, 8, 9]])).states
     assert torch.allclose(states[0, -1], shorter[0, -1], atol=1e-6)
+
+
+def test_every_block_reads_and_writes_zeros_at_padded_positions():
+    model = make_model().eval()
+    with torch.no_grad():  # non-zero LayerNorm biases: LN(0) is no longer 0
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.bias.normal_()
+    seen = []
+    for block in model.backbone.blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append(("in", args[0].detach().clone())))
+        block.register_forward_hook(lambda module, args, out: seen.append(("out", out[0].detach().clone())))
+    model(torch.tensor([[0, 0, 0, 5, 6, 7, 8, 9]]))
+    assert [kind for kind, _ in seen] == ["in", "out"] * len(model.backbone.blocks)
+    for kind, x in seen:
+        assert (x[0, :3] == 0).all() and (x[0, 3:] != 0).any(), kind
 
 
 def test_causality_future_items_do_not_change_past_states():
@@ -119,3 +136,35 @@ def test_chunked_cross_entropy_under_bf16_autocast_stays_close_to_fp32():
     assert fused.dtype == torch.float32 and states.grad.dtype == items.grad.dtype == torch.float32
     reference = F.cross_entropy(states.detach() @ items.detach().T, targets)
     assert abs(fused.item() - reference.item()) < 0.05 * reference.item()
+
+
+def test_padded_states_stay_zero_when_layernorm_biases_are_not():
+    model = make_model().eval()  # LN(0) = bias: zero only while the biases are
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.bias.normal_()
+    states = model(torch.tensor([[0, 0, 0, 5, 6, 7, 8, 9]])).states
+    assert (states[0, :3] == 0).all() and (states[0, 3:] != 0).any()
+
+
+def test_recommendation_losses_match_their_formulas():
+    torch.manual_seed(0)
+    states, table = torch.randn(6, 4), torch.randn(9, 4)  # 8 items + the padding row 0
+    targets = torch.tensor([1, 8, 3, 3, 5, 2])
+    negatives = torch.tensor([[2, 4], [1, 7], [5, 6], [8, 1], [3, 4], [6, 7]])
+    ce = recommendation_loss("ce", states, targets, table, smoothing=0.1)
+    assert torch.allclose(ce, F.cross_entropy(states @ table[1:].T, targets - 1, label_smoothing=0.1), atol=1e-6)
+    positive = (states * table[targets]).sum(-1)
+    negative = torch.einsum("nd,nkd->nk", states, table[negatives])
+    assert torch.allclose(recommendation_loss("bpr", states, targets, table, negatives),
+                          F.softplus(negative - positive[:, None]).mean(), atol=1e-6)
+    assert torch.allclose(recommendation_loss("bce", states, targets, table, negatives),
+                          (F.softplus(-positive) + F.softplus(negative).mean(-1)).mean(), atol=1e-6)
+
+
+def test_training_negatives_are_real_items_other_than_the_target():
+    targets = torch.arange(1, 6).repeat(2000)
+    negatives = training_negatives(targets, 5, 8, torch.Generator().manual_seed(0))
+    assert (negatives != targets[:, None]).all() and negatives.min() >= 1 and negatives.max() <= 5
+    assert set(negatives[targets == 3].unique().tolist()) == {1, 2, 4, 5}

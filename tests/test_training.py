@@ -75,7 +75,9 @@ def test_checkpoint_round_trip_and_best_epoch_kept(smoke_config, synthetic, tmp_
     valid = evaluate(model, build_eval_inputs(synthetic, "valid", 20, negatives), smoke_config.eval).metrics
     assert valid["full"]["ndcg@10"] == pytest.approx(info["best"]["value"], abs=1e-9)
     saved = json.loads((stage / "metrics.json").read_text())
-    assert valid == saved["valid"]
+    assert valid == saved["valid"] == best_logged["valid"]  # both protocols: the same fixed negatives every epoch
+    test = evaluate(model, build_eval_inputs(synthetic, "test", 20, negatives), smoke_config.eval).metrics
+    assert test == saved["test"] and test != valid  # the test figures are the test split's own
     # every validated epoch's ranks; the best epoch's column is valid_ranks.csv's rank_full
     keys, epochs, by_epoch = read_epoch_ranks(stage)
     assert epochs == [record["epoch"] for record in log if "valid" in record]
@@ -86,15 +88,17 @@ def test_checkpoint_round_trip_and_best_epoch_kept(smoke_config, synthetic, tmp_
         assert metrics_from_ranks(ranks, [10])["ndcg@10"] == pytest.approx(record["valid"]["full"]["ndcg@10"])
 
 
-def test_checkpoint_with_a_missing_key_is_refused(smoke_config, synthetic, tmp_path):
+def test_checkpoint_with_a_missing_or_unexpected_key_is_refused(smoke_config, synthetic, tmp_path):
     run_stage1(smoke_config.override(["train.epochs=1"]), synthetic, tmp_path)
     from safetensors.torch import save_file
 
     weights = tmp_path / "stage1" / "model.safetensors"
     state = load_file(str(weights))
-    del state["item_embedding.weight"]
-    save_file(state, str(weights))
+    save_file({k: v for k, v in state.items() if k != "item_embedding.weight"}, str(weights))
     with pytest.raises(CheckpointError, match="missing keys \\['item_embedding.weight'\\]"):
+        load_model(tmp_path / "stage1")
+    save_file({**state, "extra.weight": torch.zeros(1)}, str(weights))
+    with pytest.raises(CheckpointError, match="unexpected keys \\['extra.weight'\\]"):
         load_model(tmp_path / "stage1")
     with pytest.raises(CheckpointError, match="trained on data"):
         load_model(tmp_path / "stage1", fingerprint="another")
@@ -148,10 +152,53 @@ def test_cli_train_and_evaluate_end_to_end(tmp_path, capsys):
     assert targets["valid"] != targets["test"]
     assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "1"]) == 0
     assert "every metric matches" in capsys.readouterr().out
-    # a tampered metrics.json is caught
-    metrics["test"]["full"]["ndcg@10"] += 0.01
+    # a tampered metrics.json is caught, on either split and protocol, and so is a missing figure
+    for split, protocol in (("test", "full"), ("valid", "sampled")):
+        tampered = json.loads(json.dumps(metrics))
+        tampered[split][protocol]["ndcg@10"] += 0.01
+        (run_dir / "stage1/metrics.json").write_text(json.dumps(tampered))
+        assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "1"]) == 1
+        assert f"{split}/{protocol}/ndcg@10: saved" in capsys.readouterr().err
+    del metrics["valid"]["full"]["mrr"]
     (run_dir / "stage1/metrics.json").write_text(json.dumps(metrics))
     assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "1"]) == 1
+    assert "valid/full/mrr: missing from metrics.json" in capsys.readouterr().err
+
+
+def test_only_real_targets_reach_the_loss_and_the_tie_gap_reaches_the_windows(smoke_config, synthetic, tmp_path,
+                                                                            monkeypatch):
+    seen, gaps = [], []
+    real_loss, real_windows = trainer.recommendation_loss, trainer.training_windows
+
+    def loss(name, states, targets, *args, **kwargs):
+        seen.append(targets.clone())
+        return real_loss(name, states, targets, *args, **kwargs)
+
+    def windows(dataset, max_len, rng=None, tie_gap=0):
+        gaps.append(tie_gap)
+        return real_windows(dataset, max_len, rng, tie_gap)
+
+    monkeypatch.setattr(trainer, "recommendation_loss", loss)
+    monkeypatch.setattr(trainer, "training_windows", windows)
+    run_stage1(smoke_config.override(["train.epochs=1", "train.tie_gap=60"]), synthetic, tmp_path)
+    targets = torch.cat(seen)
+    assert (targets > 0).all()
+    assert len(targets) == sum(len(synthetic.train_sequence(u)) - 1 for u in range(synthetic.n_users))
+    assert gaps == [60]
+
+
+def test_patience_counts_validations_without_a_better_one(smoke_config, synthetic, tmp_path, monkeypatch):
+    real, calls = trainer.evaluate, []
+
+    def worse_every_time(model, inputs, config, device="cpu"):
+        result = real(model, inputs, config, device)
+        calls.append(None)
+        result.metrics["full"]["ndcg@10"] = 1.0 / len(calls)
+        return result
+
+    monkeypatch.setattr(trainer, "evaluate", worse_every_time)
+    result = run_stage1(smoke_config.override(["train.epochs=10", "train.patience=2"]), synthetic, tmp_path)
+    assert result.best_epoch == 1 and result.epochs_run == 3  # epochs 2 and 3 are the two without a better one
 
 
 def test_python_dash_m_entry_point():

@@ -212,11 +212,15 @@ def command_evaluate(args) -> int:
         print(f"{saved_path} does not exist; nothing to compare with")
         return 0
     saved = json.loads(saved_path.read_text())
-    differences = [
-        f"{split}/{protocol}/{name}: saved {saved[split][protocol][name]} vs now {value}"
-        for split in metrics for protocol in metrics[split] for name, value in metrics[split][protocol].items()
-        if not math.isclose(saved[split][protocol][name], value, rel_tol=1e-6, abs_tol=1e-9)
-    ]
+    differences = []
+    for split in metrics:
+        for protocol in metrics[split]:
+            for name, value in metrics[split][protocol].items():
+                old = saved.get(split, {}).get(protocol, {}).get(name)
+                if old is None:
+                    differences.append(f"{split}/{protocol}/{name}: missing from metrics.json, now {value}")
+                elif not math.isclose(old, value, rel_tol=1e-6, abs_tol=1e-9):
+                    differences.append(f"{split}/{protocol}/{name}: saved {old} vs now {value}")
     if differences:
         print("metrics differ from metrics.json:\n  " + "\n  ".join(differences), file=sys.stderr)
         return 1

@@ -223,7 +223,8 @@ def _read_raw_1m(name: str, folder: Path) -> RawInteractions:
 
 
 def _read_atomic(name: str, inter_file: Path) -> RawInteractions:
-    header = inter_file.open(encoding="latin-1").readline().rstrip("\r\n").split("\t")
+    with open(inter_file, encoding="latin-1") as handle:
+        header = handle.readline().rstrip("\r\n").split("\t")
     columns = [h.split(":")[0] for h in header]
     expected = ["user_id", "item_id", "rating", "timestamp"]
     if columns[:4] != expected:
@@ -235,6 +236,8 @@ def _read_atomic(name: str, inter_file: Path) -> RawInteractions:
         with open(item_file, encoding="latin-1") as handle:
             head = [h.split(":")[0] for h in handle.readline().rstrip("\r\n").split("\t")]
             for line_number, line in enumerate(handle, start=2):
+                if not line.strip():  # blank lines are skipped, as in the other readers
+                    continue
                 parts = line.rstrip("\r\n").split("\t")
                 if len(parts) != len(head):
                     raise DataFormatError(

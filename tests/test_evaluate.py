@@ -1,0 +1,76 @@
+"""The evaluation protocols on hand-made datasets and fixed scores: what full ranking leaves out,
+which items the sampled protocol draws, and how both ranks are taken."""
+
+import numpy as np
+import torch
+
+from ur4rec.config import EvalConfig
+from ur4rec.data.dataset import SequenceDataset
+from ur4rec.data.movielens import ItemMeta
+from ur4rec.evaluation import build_eval_inputs, evaluate, sample_negatives
+from ur4rec.evaluation.evaluate import left_pad
+
+NO_NEGATIVES = np.zeros((1, 0), dtype=np.int64)
+
+
+def tiny(sequences, n_items, timestamps=None) -> SequenceDataset:
+    return SequenceDataset(name="t", source="t", user_raw_ids=np.array([str(u) for u in range(len(sequences))]),
+                           item_raw_ids=np.array([""] + [str(i) for i in range(1, n_items + 1)]),
+                           sequences=[np.array(s, dtype=np.int64) for s in sequences],
+                           item_meta=[ItemMeta("x")] * (n_items + 1),
+                           timestamps=None if timestamps is None else [np.array(t, dtype=np.int64) for t in timestamps])
+
+
+class Fixed:
+    """A model whose scores for items 0..V are the same for every user."""
+
+    def __init__(self, scores):
+        self.scores = torch.tensor(scores, dtype=torch.float32)
+
+    def eval(self):
+        return self
+
+    def score_all(self, users, input_ids):
+        return self.scores.expand(len(users), -1)
+
+
+def full_rank(dataset, split, config, scores=(9, 10, 9, 5, 4, 8, 1)) -> int:
+    return evaluate(Fixed(scores), build_eval_inputs(dataset, split, 5, NO_NEGATIVES), config).rank_full.tolist()
+
+
+def test_full_ranking_excludes_the_seen_items_of_each_split_and_never_the_target():
+    dataset = tiny([[1, 2, 3, 4]], 6)  # validation: history 1, 2 -> target 3; test: history 1, 2, 3 -> target 4
+    config = EvalConfig(ks=[1], num_sampled_negatives=0)
+    # scores of items 0..6 are 9, 10, 9, 5, 4, 8, 1 (padding high on purpose: it never counts)
+    assert full_rank(dataset, "valid", config) == [2]  # 3 (tie: counts against) and 5 above 3; 1, 2 seen
+    assert full_rank(dataset, "test", config) == [2]  # 4 below 5 only; 1, 2 and the validation item 3 seen
+    assert full_rank(dataset, "valid", EvalConfig(ks=[1], num_sampled_negatives=0, exclude_seen=False)) == [4]
+    # a target that also occurs earlier in the history is still ranked
+    assert full_rank(tiny([[3, 1, 3, 2]], 6), "valid", config) == [3]  # items 2, 3 (tie) and 5
+
+
+def test_sampled_negatives_are_unseen_distinct_fixed_per_seed_and_ranked_against_the_target():
+    dataset = tiny([[1, 2, 3, 4], [10, 20, 30, 40]], 103)  # exactly 99 unseen items per user
+    negatives = sample_negatives(dataset, 99, seed=5)
+    assert negatives.shape == (2, 99)
+    assert sorted(negatives[0]) == list(range(5, 104))
+    assert sorted(negatives[1]) == sorted(set(range(1, 104)) - {10, 20, 30, 40})
+    big = tiny([[1, 2, 3, 4]] * 3, 500)
+    negatives = sample_negatives(big, 99, seed=5)
+    assert (negatives > 0).all() and all(len(set(row)) == 99 for row in negatives)
+    assert not np.isin(negatives, [1, 2, 3, 4]).any()
+    assert (sample_negatives(big, 99, seed=5) == negatives).all()
+    assert not (sample_negatives(big, 99, seed=6) == negatives).all()
+    # scores = item ids: the sampled rank is 1 + the negatives with a higher id than the target (4)
+    result = evaluate(Fixed(np.arange(501)), build_eval_inputs(big, "test", 5, negatives),
+                      EvalConfig(ks=[10], num_sampled_negatives=99))
+    assert result.rank_sampled.tolist() == [1 + int((row > 4).sum()) for row in negatives]
+
+
+def test_left_pad_keeps_the_newest_items():
+    padded = left_pad([np.array([1, 2, 3]), np.array([5]), np.array([], dtype=np.int64)], 2)
+    assert padded.tolist() == [[2, 3], [0, 5], [0, 0]]
+
+
+def test_popularity_counts_train_parts_only():
+    assert tiny([[1, 2, 3, 4], [1, 3, 2, 4]], 4).train_item_counts().tolist() == [0, 2, 1, 1, 0]

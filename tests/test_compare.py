@@ -89,3 +89,36 @@ def test_compare_adds_the_other_half_rows_when_every_run_kept_its_epochs(tmp_pat
     (variant / "valid_ranks_by_epoch.csv").write_text("user_id,target_item,epoch_1\nu0,10,1\nu1,11,x\nu2,12,1\n")
     with pytest.raises(ValueError, match="line 3: a rank is not an integer"):
         compare([base], [variant])
+
+
+def test_other_half_values_share_their_halvings_and_keep_the_earliest_of_equal_epochs(tmp_path):
+    noisy = np.random.default_rng(0).integers(1, 21, size=(5, 40))
+    assert np.array_equal(other_half_values(noisy), other_half_values(noisy))  # halvings fixed by the seed
+    # ties on the selecting metric go to the earliest epoch, as early stopping keeps it
+    tied = np.array([[2] * 6, [5] * 6])  # hr@10 is 1 at both epochs; ndcg@10 is higher at epoch 0
+    assert other_half_values(tied, "ndcg@10", select_metric="hr@10") == pytest.approx(np.full(6, 1 / np.log2(3)))
+    # random halves: users 0-1 peak at epoch 0, users 2-3 at epoch 1. User 0 is scored at the epoch
+    # chosen by two of the other three users: {1, 2} or {1, 3} tie (epoch 0, NDCG 1), {2, 3} pick epoch 1
+    values = other_half_values(np.array([[1, 1, 50, 50], [50, 50, 1, 1]]), halvings=300)
+    assert values[:2] == pytest.approx([2 / 3, 2 / 3], abs=0.1) and (values[2:] == 0).all()
+    # every run is scored on the same halvings: swapping runs between the sides changes nothing
+    a, b = (write_stage(tmp_path / name, [1, 2, 3], [1, 1, 1]) for name in "ab")
+    for folder, seed in ((a, 1), (b, 2)):
+        ranks = np.random.default_rng(seed).integers(1, 21, size=(4, 3))
+        write_epoch_ranks(folder, {epoch: ranks[epoch] for epoch in range(4)})
+    rows = {row["split"]: row for row in compare([a, b], [b, a], ("ndcg@10",))}
+    assert rows["valid-oh"]["difference"] == 0.0 and rows["valid-oh"]["standard_error"] == 0.0
+
+
+def test_other_half_rows_pair_users_by_the_validation_targets(tmp_path):
+    base = write_stage(tmp_path / "a", [1, 2, 3], [1, 1, 1])
+    variant = write_stage(tmp_path / "b", [1, 1, 1], [1, 1, 1])
+    for folder in (base, variant):  # test targets other than the validation ones
+        (folder / "test_ranks.csv").write_text((folder / "test_ranks.csv").read_text().replace("u0,10,", "u0,20,"))
+        write_epoch_ranks(folder, {1: [1, 2, 3], 2: [4, 4, 4]})
+    assert "valid-oh" in {row["split"] for row in compare([base], [variant])}
+    assert {row["split"] for row in compare([base], [variant], splits=("test",))} == {"test"}
+    write_epoch_ranks(variant, {1: [1, 2, 3], 2: [4, 4, 4]}, targets=("10", "11", "13"))  # same length, one target off
+    with pytest.raises(ValueError, match="valid_ranks_by_epoch.csv lists other users or targets"):
+        compare([base], [variant])
+

@@ -49,3 +49,15 @@ def test_numbers_and_list_elements_are_type_checked_and_defaults_are_not_shared(
     config = Config()
     config.eval.ks.append(99)
     assert Config().eval.ks == [5, 10, 20]
+
+
+def test_overrides_are_type_checked_and_name_what_is_wrong():
+    for override, message in (("train.epochs=true", "train: epochs: expected an integer"),
+                              ("model.dropout=true", "model: dropout: expected a number"),
+                              ("eval.ks=[5, x]", "eval: ks: expected an integer"),
+                              ("text.backend=3", "text: backend: expected a string"),
+                              ("trian.epochs=3", "unknown key 'trian'"),
+                              ("train=3", "section.key=value")):
+        with pytest.raises(ConfigError, match=message):
+            Config().override([override])
+

@@ -28,3 +28,12 @@ def test_training_autocast_follows_the_resolved_precision(monkeypatch):
 def test_unknown_precision_names_the_field():
     with pytest.raises(ValueError, match="train.precision"):
         autocast(Config().override(["train.precision=fp16"]))
+
+
+def test_auto_on_cuda_asks_the_device_for_bf16(monkeypatch):  # no GPU needed: the queries are patched
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert resolve_precision("auto", "cuda") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert resolve_precision("auto", "cuda") == "bf16"
+

@@ -76,8 +76,8 @@ def other_half_values(ranks_by_epoch: np.ndarray, metric: str = "ndcg@10", selec
                       halvings: int = 50, seed: int = 0) -> np.ndarray:
     """(U,) each user's ``metric`` at the epoch the *other* users chose.
 
-    ``ranks_by_epoch`` is (epochs, users). The users are split into two random halves of equal
-    size; the epoch with the best mean ``select_metric`` on one half (the earliest among equals,
+    ``ranks_by_epoch`` is (epochs, users). The users are split into two random halves (of equal
+    size, or one user apart); the epoch with the best mean ``select_metric`` on one half (the earliest among equals,
     as early stopping keeps it) is scored on the other half, and the other way round. Averaged
     over ``halvings`` splits drawn from ``seed``, so two runs on the same users share the splits.
     A user's value never depends on its own ranks through the choice of epoch.
@@ -124,7 +124,7 @@ def compare(base: list[Path], variant: list[Path], metrics: tuple[str, ...] = ("
                 "variant": float(np.mean([per_user(r, metric).mean() for r in sides["variant"]])),
                 "difference": difference, "standard_error": error,
             })
-    if all((Path(folder) / EPOCH_RANKS).exists() for folder in [*base, *variant]):
+    if "valid" in splits and all((Path(folder) / EPOCH_RANKS).exists() for folder in [*base, *variant]):
         rows += _other_half_rows(base, variant, metrics, reference_keys=read_ranks(base[0], "valid")[0])
     return rows
 

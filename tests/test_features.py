@@ -3,6 +3,7 @@ import hashlib
 import json
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ from PIL import Image
 from ur4rec.cli import main
 from ur4rec.features import (
     EncoderUnavailableError,
+    FeatureSet,
     FeaturesNotFoundError,
     build_features,
+    build_image_features,
     build_text_features,
     load_features,
     semantic,
@@ -22,9 +25,11 @@ from ur4rec.features.quality import (
     genre_agreement,
     modality_quality,
     random_pair_cosine,
+    user_text_alignment,
     within_user_cosine,
 )
 from ur4rec.features.visual import ImageFolderNotFoundError
+from ur4rec.text.prompts import display_genres
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +50,21 @@ def test_bundled_minilm_encodes_offline_to_384_d_unit_vectors():
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]  # it is a real sentence model
     bf16 = semantic.load_text_encoder("all-MiniLM-L6-v2", precision="bf16").encode(["A heist film."])
     assert float(bf16[0] @ vectors[0]) > 0.999
+
+
+def test_both_names_of_the_bundled_model_resolve_to_the_local_copy():
+    for name in ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        resolved = semantic.resolve_text_model(name)
+        assert resolved.identity == "sentence-transformers/all-MiniLM-L6-v2" and resolved.local
+        assert (Path(resolved.location) / "model.safetensors").is_file()
+
+
+def test_text_model_that_looks_like_a_missing_path_is_an_error():
+    for name in ("./no-such-model", "/no/such/model", "~/no-such-model", "org/model/extra"):
+        with pytest.raises(EncoderUnavailableError, match="looks like a path but is not a folder"):
+            semantic.resolve_text_model(name)
+    assert semantic.resolve_text_model("org/some-model") == semantic.ResolvedModel("org/some-model", "org/some-model",
+                                                                                   False)
 
 
 def test_hub_model_name_offline_fails_at_once():
@@ -89,8 +109,6 @@ def test_clip_features_mask_missing_and_corrupt_images(smoke_config, synthetic, 
 
 
 def build_features_image_only(config, dataset, run_dir):
-    from ur4rec.features import build_image_features
-
     return build_image_features(config, dataset, run_dir, progress=False)
 
 
@@ -103,6 +121,48 @@ def test_clip_tag_offline_and_missing_checkpoint_fail_at_once(tmp_path):
         visual.load_image_encoder("ViT-S-32-alt", str(tmp_path / "clip.pt"))
     with pytest.raises(ImageFolderNotFoundError, match="is not a folder"):
         visual.find_images(tmp_path / "nowhere", ["1"])
+
+
+def test_clip_tag_fails_before_open_clip_when_the_hub_is_unusable(monkeypatch):
+    import open_clip
+
+    def would_download(*args, **kwargs):
+        raise RuntimeError("open_clip was asked to download")
+
+    monkeypatch.setattr(visual, "hub_unavailable_reason", lambda: "the hub is down (test)")
+    monkeypatch.setattr(visual, "_hub_library_offline", lambda: False)  # huggingface_hub itself would try
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", would_download)
+    with pytest.raises(EncoderUnavailableError, match=r"'openai' is an open_clip tag whose weights come from the "
+                                                      r"Hugging Face hub, and the hub is down \(test\)"):
+        visual.load_image_encoder("ViT-S-32-alt", "openai")
+
+
+class MeanColourEncoder:
+    """Fake image encoder: an image's mean colour (the real one is tested above)."""
+
+    identity = "ViT-S-32-alt/random"
+    dim = 3
+
+    def encode(self, images):
+        return semantic.normalise_rows(np.array([np.asarray(image, dtype=np.float32).mean(axis=(0, 1))
+                                                 for image in images]))
+
+
+def test_image_set_is_rebuilt_when_an_image_file_changes(smoke_config, synthetic, tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(visual, "load_image_encoder", lambda *args, **kwargs: loads.append(args) or MeanColourEncoder())
+    raw_ids = [str(raw_id) for raw_id in synthetic.item_raw_ids[1:7]]
+    write_images(tmp_path / "images", raw_ids)
+    config = smoke_config.override([f"features.image_folder={tmp_path / 'images'}",
+                                    "features.image_model=ViT-S-32-alt"])
+    first = build_features_image_only(config, synthetic, tmp_path / "run")
+    build_features_image_only(config, synthetic, tmp_path / "run")
+    assert len(loads) == 1  # nothing changed: the set is reused
+    Image.new("RGB", (48, 48), (250, 10, 10)).save(tmp_path / "images" / f"{raw_ids[0]}.png")
+    second = build_features_image_only(config, synthetic, tmp_path / "run")
+    assert len(loads) == 2 and second["path"] != first["path"]
+    red = np.load(f"{second['path']}/item_image.npy")[1]
+    np.testing.assert_allclose(red, semantic.normalise_rows(np.array([[250.0, 10.0, 10.0]]))[0], rtol=1e-5)
 
 
 # ---------------------------------------------------------------- feature store
@@ -153,6 +213,35 @@ def test_load_features_names_what_is_missing(synthetic, tmp_path, smoke_config, 
     (tmp_path / "cache" / "features" / synthetic.fingerprint / path.split("/")[-1] / "user_text.npy").unlink()
     with pytest.raises(FeaturesNotFoundError, match="user_text.npy is missing"):
         load_features(tmp_path / "run", synthetic)
+
+
+def test_load_features_refuses_features_built_for_other_data(synthetic, tmp_path, smoke_config, monkeypatch):
+    monkeypatch.setattr(semantic, "load_text_encoder", lambda *args, **kwargs: CountingEncoder())
+    build_features(smoke_config, synthetic, tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "features" / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "fingerprint": "other-data"}))
+    with pytest.raises(FeaturesNotFoundError, match=f"built for data other-data, not {synthetic.fingerprint}"):
+        load_features(tmp_path / "run", synthetic)
+
+
+def test_text_set_is_rebuilt_when_an_item_description_changes(smoke_config, synthetic, tmp_path, monkeypatch):
+    monkeypatch.setattr(semantic, "load_text_encoder", lambda *args, **kwargs: CountingEncoder())
+    CountingEncoder.calls = 0
+    folder = tmp_path / "llm"
+    folder.mkdir()
+    users = {str(raw_id): f"paragraph {raw_id}" for raw_id in synthetic.user_raw_ids}
+    (folder / "user_preferences.json").write_text(json.dumps(users))
+    item = str(synthetic.item_raw_ids[1])
+    (folder / "item_descriptions.json").write_text(json.dumps({item: "Item 1, a quiet film."}))
+    config = smoke_config.override(["text.backend=json", f"text.folder={folder}"])
+    first = build_features(config, synthetic, tmp_path / "run", progress=False)
+    assert CountingEncoder.calls == 2
+    (folder / "item_descriptions.json").write_text(json.dumps({item: "Item 1, a loud film."}))
+    second = build_features(config, synthetic, tmp_path / "run", progress=False)
+    assert CountingEncoder.calls == 4  # the user texts are the same, the item inputs are not
+    assert (first.item_text[1] != second.item_text[1]).any()
+    np.testing.assert_array_equal(first.item_text[2:], second.item_text[2:])
+    np.testing.assert_array_equal(first.user_text, second.user_text)
 
 
 def test_leak_policy_drop_masks_leaking_users(synthetic, smoke_config, tmp_path, monkeypatch):
@@ -212,6 +301,32 @@ def test_quality_lift_on_known_cases(synthetic):
     assert noise["coverage"] == 1.0
     knn, random = genre_agreement(one_hot + 0.05, mask, synthetic, k=5)
     assert knn == pytest.approx(1.0)
+
+
+def test_random_genre_agreement_is_the_share_of_other_items_sharing_a_genre(synthetic):
+    vectors = np.random.default_rng(2).normal(size=(synthetic.n_items + 1, 4))
+    mask = np.ones(synthetic.n_items + 1, dtype=bool)
+    mask[0] = mask[7] = False
+    covered = np.flatnonzero(mask)
+    genres = {item: set(display_genres(synthetic.item_meta[item])) for item in covered}
+    shares = [np.mean([bool(genres[item] & genres[other]) for other in covered if other != item])
+              for item in covered if genres[item]]
+    _, random = genre_agreement(vectors, mask, synthetic, k=5)
+    assert random == pytest.approx(np.mean(shares), abs=1e-9)
+
+
+def test_user_text_alignment_compares_each_user_with_their_validation_item(synthetic):
+    # One-hot item texts; each user's paragraph is exactly their validation item's text.
+    item_text = np.eye(synthetic.n_items + 1, dtype=np.float32)
+    item_text[0, 0] = 0
+    item_mask = np.ones(synthetic.n_items + 1, dtype=bool)
+    item_mask[0] = False
+    user_text = item_text[synthetic.target("valid")]
+    assert (synthetic.target("valid") != synthetic.target("test")).all()  # test items are orthogonal
+    features = FeatureSet(item_text, item_mask, user_text, np.ones(synthetic.n_users, dtype=bool))
+    alignment = user_text_alignment(features, synthetic)
+    assert alignment["user_to_valid_item_cosine"] == pytest.approx(1.0)
+    assert alignment["user_to_random_item_cosine"] == pytest.approx(1 / synthetic.n_items)
 
 
 # ---------------------------------------------------------------- command line

@@ -1,8 +1,11 @@
 import json
 import logging
 import re
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,11 +23,12 @@ from ur4rec.text import (
     build_requests,
     generate_texts,
     make_generator,
+    openai_backend,
 )
-from ur4rec.text.cache import CacheFormatError
+from ur4rec.text.cache import CacheFormatError, GenerationCache
 from ur4rec.text.openai_backend import OpenAIGenerator, OpenAIResponseError
 from ur4rec.text.template import TemplateGenerator
-from ur4rec.text.titles import natural_title
+from ur4rec.text.titles import natural_title, title_patterns
 
 # ---------------------------------------------------------------- template texts
 
@@ -128,6 +132,23 @@ def test_leak_policies(crafted, caplog):
         apply_leak_policy(texts, audit, "ignore")
 
 
+def test_one_word_titles_shorter_than_four_characters_get_no_pattern():
+    assert title_patterns("Ran") == [] and title_patterns("Net, The") == []
+    assert [pattern.search("A fan of Heat.") is not None for pattern in title_patterns("Heat")] == [True]
+
+
+def test_curly_apostrophe_in_a_user_text_still_names_the_title():
+    meta = {"1": ItemMeta("Heat", 1995, ["Crime"]), "2": ItemMeta("Fargo", 1996, ["Crime"]),
+            "3": ItemMeta("Toy Story", 1995, ["Animation"]), "4": ItemMeta("Schindler's List", 1993, ["Drama"])}
+    # user 1 watches 2, 3, then 1 (validation) and 4 (test)
+    raw = RawInteractions("tiny", "test", np.array(["1"] * 4), np.array(["2", "3", "1", "4"]), np.arange(4), meta)
+    dataset = build_dataset(raw)
+    texts = {"1": "Loves Schindler\u2019s List."}
+    audit = audit_user_texts(texts, dataset)
+    assert (audit.rows["1"].names_valid_item, audit.rows["1"].names_test_item) == (False, True)
+    assert apply_leak_policy(texts, audit, "redact") == {"1": "Loves [redacted]."}
+
+
 # ---------------------------------------------------------------- resumable cache
 
 
@@ -178,13 +199,49 @@ def test_damaged_middle_line_is_an_error_naming_it(synthetic, tmp_path):
         generate_texts(Config(), synthetic, tmp_path, progress=False)
 
 
+def test_cut_off_last_line_that_ends_in_a_newline_is_removed_not_an_error(synthetic, tmp_path, caplog):
+    generate_texts(Config(), synthetic, tmp_path, progress=False)
+    cache = tmp_path / "texts" / "generations.jsonl"
+    complete = cache.read_text()
+    cut = '{"kind": "user", "raw_id"\n'
+    cache.write_text(complete + cut)
+    with GenerationCache(cache) as opened:
+        assert opened.truncated_bytes == len(cut)
+    assert cache.read_text() == complete
+    cache.write_text(complete + cut)
+    with caplog.at_level(logging.WARNING):
+        again = generate_texts(Config(), synthetic, tmp_path, progress=False)
+    assert f"removed an incomplete last record ({len(cut)} bytes)" in caplog.text
+    assert again.generated == 0 and cache.read_text() == complete
+
+
+def test_cache_append_of_a_key_already_present_writes_nothing(tmp_path):
+    path = tmp_path / "generations.jsonl"
+    with GenerationCache(path) as cache:
+        cache.append("user", "1", ("template", "abc"), "first")
+        cache.append("user", "1", ("template", "abc"), "second")
+    with GenerationCache(path) as cache:
+        cache.append("user", "1", ("template", "abc"), "third")
+        assert cache.get(("template", "abc")) == "first"
+    assert [json.loads(line)["text"] for line in path.read_text().splitlines()] == ["first"]
+
+
+def test_prompt_hash_changes_with_generator_settings(synthetic):
+    request = build_requests(synthetic)[0]
+    greedy = OpenAIGenerator(Config().override(["text.temperature=0.0"]).text)
+    sampled = OpenAIGenerator(Config().override(["text.temperature=0.7"]).text)
+    assert greedy.prompt_hash(request) == OpenAIGenerator(Config().text).prompt_hash(request)
+    assert greedy.prompt_hash(request) != sampled.prompt_hash(request)
+
+
 # ---------------------------------------------------------------- openai backend
 
 
 class FakeChatEndpoint:
     """An OpenAI-style server on 127.0.0.1 that answers from a script, then with successes."""
 
-    def __init__(self, script: list[tuple[int, bytes]] | None = None) -> None:
+    def __init__(self, script: list[tuple] | None = None) -> None:
+        """``script``: (status, body) or (status, body, {header: value}) per request."""
         self.script = list(script or [])
         self.requests: list[dict] = []
         endpoint = self
@@ -194,10 +251,12 @@ class FakeChatEndpoint:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 endpoint.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
                 if endpoint.script:
-                    status, payload = endpoint.script.pop(0)
+                    status, payload, *extra = endpoint.script.pop(0)
                 else:
-                    status, payload = 200, success(f"about: {body['messages'][-1]['content'][:30]}")
+                    status, payload, extra = 200, success(f"about: {body['messages'][-1]['content'][:30]}"), []
                 self.send_response(status)
+                for name, value in (extra[0] if extra else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
@@ -207,7 +266,8 @@ class FakeChatEndpoint:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # A short poll interval: shutdown() waits up to one interval, 0.5 s by default.
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -245,18 +305,59 @@ def test_openai_backend_success(synthetic, monkeypatch):
     assert "Item " in request["body"]["messages"][-1]["content"]  # the user's train items are in the prompt
 
 
-def test_openai_backend_retries_after_429(synthetic, monkeypatch):
-    with FakeChatEndpoint([(429, b'{"error": "slow down"}'), (200, success("ok"))]) as endpoint:
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """The openai backend's waits, recorded instead of slept."""
+    recorded: list[float] = []
+    monkeypatch.setattr(openai_backend, "time", SimpleNamespace(sleep=recorded.append, monotonic=time.monotonic))
+    return recorded
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_openai_backend_retries_after_429_and_5xx(synthetic, monkeypatch, sleeps, status):
+    with FakeChatEndpoint([(status, b'{"error": "try again"}'), (200, success("ok"))]) as endpoint:
         generator = make_generator(openai_config(endpoint, monkeypatch), synthetic)
         assert generator.generate(build_requests(synthetic)[0]) == "ok"
-    assert len(endpoint.requests) == 2
+    assert len(endpoint.requests) == 2 and sleeps == [0.01]
 
 
-def test_openai_backend_gives_up_after_repeated_5xx(synthetic, monkeypatch):
+def test_openai_backend_fails_at_once_on_a_client_error(synthetic, monkeypatch, sleeps):
+    with FakeChatEndpoint([(400, b'{"error": "bad model"}')]) as endpoint:
+        generator = make_generator(openai_config(endpoint, monkeypatch), synthetic)
+        with pytest.raises(OpenAIResponseError, match=r"/v1/chat/completions: HTTP 400 Bad Request: .*bad model"):
+            generator.generate(build_requests(synthetic)[0])
+    assert len(endpoint.requests) == 1 and sleeps == []
+
+
+def test_openai_backend_gives_up_after_repeated_5xx(synthetic, monkeypatch, sleeps):
     with FakeChatEndpoint([(503, b"busy")] * 3) as endpoint:
         generator = make_generator(openai_config(endpoint, monkeypatch), synthetic)
         with pytest.raises(OpenAIResponseError, match=r"gave up after 3 attempts; last: HTTP 503"):
             generator.generate(build_requests(synthetic)[0])
+    assert len(endpoint.requests) == 3  # max_retries=2: the first try and two retries
+    assert sleeps == pytest.approx([0.01, 0.02])  # retry_backoff, doubling
+
+
+def test_openai_backend_waits_for_a_longer_retry_after_capped_at_two_minutes(synthetic, monkeypatch, sleeps):
+    script = [(429, b"slow down", {"Retry-After": "0.5"}), (503, b"busy", {"Retry-After": "0.001"}),
+              (429, b"slow down", {"Retry-After": "3600"}), (200, success("ok"))]
+    with FakeChatEndpoint(script) as endpoint:
+        config = openai_config(endpoint, monkeypatch).override(["text.max_retries=3"])
+        assert make_generator(config, synthetic).generate(build_requests(synthetic)[0]) == "ok"
+    # back-off 0.01, 0.02, 0.04; the header wins when longer, and 3600 s is capped at 120 s
+    assert sleeps == pytest.approx([0.5, 0.02, 120.0])
+
+
+def test_openai_backend_retries_a_refused_connection(synthetic, monkeypatch, sleeps):
+    with socket.socket() as probe:  # a free port that nothing listens on once the socket is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    closed = SimpleNamespace(base_url=f"http://127.0.0.1:{port}/v1")
+    config = openai_config(closed, monkeypatch).override(["text.max_retries=1"])
+    with pytest.raises(OpenAIResponseError, match=rf"127\.0\.0\.1:{port}/v1/chat/completions: gave up after 2 "
+                                                   r"attempts; last: no response \(.*refused"):
+        make_generator(config, synthetic).generate(build_requests(synthetic)[0])
+    assert sleeps == [0.01]
 
 
 def test_openai_backend_malformed_json_is_a_clear_error(synthetic, monkeypatch):
@@ -308,6 +409,54 @@ def test_json_backend_imports_texts_by_raw_id(synthetic, tmp_path):
     (folder / "item_descriptions.json").unlink()
     with pytest.raises(TextBackendNotFoundError, match="item_descriptions.json does not exist"):
         make_generator(config, synthetic)
+
+
+def test_json_backend_serves_an_edited_text_not_the_cached_one(synthetic, tmp_path):
+    folder = tmp_path / "llm"
+    folder.mkdir()
+    users = {str(raw_id): f"paragraph {raw_id}" for raw_id in synthetic.user_raw_ids}
+    (folder / "user_preferences.json").write_text(json.dumps(users))
+    (folder / "item_descriptions.json").write_text("{}")
+    config = Config().override(["text.backend=json", f"text.folder={folder}"])
+    generate_texts(config, synthetic, tmp_path / "run", progress=False)
+    first = str(synthetic.user_raw_ids[0])
+    users[first] = "an edited paragraph"
+    (folder / "user_preferences.json").write_text(json.dumps(users))
+    texts = generate_texts(config, synthetic, tmp_path / "run", progress=False)
+    assert texts.users[first] == "an edited paragraph"
+
+
+def test_json_backend_warns_when_item_descriptions_do_not_name_their_titles(synthetic, tmp_path, caplog):
+    folder = tmp_path / "llm"
+    folder.mkdir()
+    (folder / "user_preferences.json").write_text("{}")
+    config = Config().override(["text.backend=json", f"text.folder={folder}"])
+    items = range(1, 21)  # 20 descriptions: the fewest the check looks at
+    unnamed = {str(synthetic.item_raw_ids[item]): "A quiet film about the sea." for item in items}
+    (folder / "item_descriptions.json").write_text(json.dumps(unnamed))
+    with caplog.at_level(logging.WARNING):
+        make_generator(config, synthetic)
+    assert "only 0% of item descriptions name their own item's title" in caplog.text
+    caplog.clear()
+    named = {str(synthetic.item_raw_ids[item]): f"{synthetic.item_meta[item].title}, a quiet film." for item in items}
+    (folder / "item_descriptions.json").write_text(json.dumps(named))
+    with caplog.at_level(logging.WARNING):
+        make_generator(config, synthetic)
+    assert "name their own item's title" not in caplog.text
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("[]", r"user_preferences.json: expected an object \{id: text\}, got list"),
+    ('{"1": 5}', r"user_preferences.json: the text for id '1' is of type int, not a string"),
+    ('{"1": "unclosed', r"user_preferences.json: not valid JSON"),
+], ids=["list", "number", "invalid-json"])
+def test_json_backend_malformed_file_is_an_error_naming_it(synthetic, tmp_path, content, message):
+    folder = tmp_path / "llm"
+    folder.mkdir()
+    (folder / "user_preferences.json").write_text(content)
+    (folder / "item_descriptions.json").write_text("{}")
+    with pytest.raises(TextGenerationError, match=message):
+        make_generator(Config().override(["text.backend=json", f"text.folder={folder}"]), synthetic)
 
 
 # ---------------------------------------------------------------- command line

@@ -43,7 +43,7 @@ def read_text_file(path: Path) -> dict[str, str]:
         if value is None:
             continue
         if not isinstance(value, str):
-            raise TextGenerationError(f"{path}: the text for id {key!r} is a {type(value).__name__}, not a string")
+            raise TextGenerationError(f"{path}: the text for id {key!r} is of type {type(value).__name__}, not a string")
         if value.strip():
             texts[str(key)] = value.strip()
     return texts

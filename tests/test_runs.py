@@ -1,0 +1,410 @@
+"""The run flow: how stages choose and keep their best epoch, what they write, and how the CLI drives them."""
+
+import csv
+import json
+import shutil
+import types
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_stages import random_features, tiny_config
+
+import ur4rec
+import ur4rec.features
+from ur4rec import rundir
+from ur4rec.cli import main
+from ur4rec.data import load_dataset
+from ur4rec.evaluation import metrics_from_ranks
+from ur4rec.evaluation.compare import read_epoch_ranks, read_ranks
+from ur4rec.rundir import EpochRanks, RunDirError, prepare_run, write_json, write_ranks
+from ur4rec.training import checkpoint, stages, trainer
+from ur4rec.training.checkpoint import save_checkpoint
+from ur4rec.training.stages import train_stage
+from ur4rec.training.trainer import train_stage1
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = tiny_config()
+    dataset = load_dataset(config.data)
+    return config, dataset, random_features(dataset)
+
+
+@pytest.fixture(scope="module")
+def stage1(setup, tmp_path_factory):
+    config, dataset, _ = setup
+    run = tmp_path_factory.mktemp("stage1")
+    prepare_run(run, config, dataset)
+    train_stage1(config, dataset, run)
+    return run / "stage1"
+
+
+@pytest.fixture(scope="module")
+def stage2(setup, stage1, tmp_path_factory):
+    config, dataset, features = setup
+    run = new_run(setup, stage1, tmp_path_factory.mktemp("stage2"))
+    result = train_stage(config, dataset, features, run, 2)
+    return run / "stage2", result
+
+
+def new_run(setup, stage1, folder):
+    """A run directory holding a copy of the module's Stage-1 checkpoint."""
+    config, dataset, _ = setup
+    prepare_run(folder, config, dataset)
+    shutil.copytree(stage1, folder / "stage1")
+    return folder
+
+
+def forced_metric(real, values):
+    """``evaluate`` whose first len(values) calls report ``values`` as full-ranking NDCG@10."""
+    queue = list(values)
+
+    def evaluate(model, inputs, config, device="cpu"):
+        result = real(model, inputs, config, device)
+        if queue:
+            result.metrics["full"]["ndcg@10"] = queue.pop(0)
+        return result
+
+    return evaluate
+
+
+def no_training(model, *args, **kwargs):
+    return {"total": 0.0}
+
+
+def log_of(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def info_of(folder):
+    return json.loads((folder / "checkpoint.json").read_text())
+
+
+# --------------------------------------------------------------------------- Stages 2-3: choosing the epoch
+
+
+def test_a_tie_with_the_loaded_model_keeps_epoch_0_and_patience_counts_validations_without_a_better_one(
+        setup, stage1, tmp_path, monkeypatch):
+    config, dataset, features = setup
+    run = new_run(setup, stage1, tmp_path)
+    monkeypatch.setattr(stages, "train_multimodal_epoch", no_training)
+    monkeypatch.setattr(stages, "evaluate", forced_metric(stages.evaluate, [0.5, 0.5, 0.4, 0.4, 0.4]))
+    result = train_stage(config.override(["train.epochs=5", "train.patience=2"]), dataset, features, run, 2)
+    # epoch 1 ties epoch 0 (not better), epoch 2 is worse: the second validation without a better one stops
+    assert (result.best_epoch, result.best_value, result.epochs_run) == (0, 0.5, 2)
+    info = info_of(run / "stage2")
+    assert info["epoch"] == 0 and info["best"] == {"metric": "valid/full/ndcg@10", "value": 0.5}
+    assert [record["valid"]["full"]["ndcg@10"] for record in log_of(run / "stage2")] == [0.5, 0.4]
+
+
+def test_moe_stage_epochs_caps_stages_2_and_3_instead_of_train_epochs(setup, stage1, tmp_path, monkeypatch):
+    config, dataset, features = setup
+    run = new_run(setup, stage1, tmp_path)
+    monkeypatch.setattr(stages, "train_multimodal_epoch", no_training)
+    result = train_stage(config.override(["train.epochs=4", "moe.stage_epochs=1"]), dataset, features, run, 2)
+    assert result.epochs_run == 1 and [record["epoch"] for record in log_of(run / "stage2")] == [1]
+
+
+def test_epoch_0_is_kept_with_the_similarity_weights_fitted_to_it(setup, stage1, tmp_path, monkeypatch):
+    config, dataset, features = setup
+    run = new_run(setup, stage1, tmp_path)
+    monkeypatch.setattr(stages, "train_multimodal_epoch", no_training)  # no epoch can beat the loaded model
+    result = train_stage(config, dataset, features, run, 2)
+    folder = run / "stage2"
+    info = info_of(folder)
+    assert result.best_epoch == info["epoch"] == 0
+    fitted = info["similarity_weights"]
+    assert list(fitted) == ["text", "collaborative"] and all(value != 0 for value in fitted.values())
+    saved = load_file(str(folder / "model.safetensors"))
+    assert saved["similarity.weight"].tolist() == pytest.approx(list(fitted.values()))
+    assert all(torch.equal(value, saved[key]) for key, value in load_file(str(stage1 / "model.safetensors")).items())
+    _, epochs, by_epoch = read_epoch_ranks(folder)
+    assert epochs == [0, 1, 2] and by_epoch[0].tolist() == read_ranks(folder, "valid")[1].tolist()
+
+
+def test_the_best_epoch_is_saved_with_the_similarity_weights_fitted_before_its_validation(
+        setup, stage1, tmp_path, monkeypatch):
+    config, dataset, features = setup
+    run = new_run(setup, stage1, tmp_path)
+    forced, validated_with = forced_metric(stages.evaluate, [0.1, 0.2, 0.3]), []  # epochs 0, 1, 2
+
+    def evaluate(model, *args, **kwargs):
+        validated_with.append(model.similarity.weight.tolist())
+        return forced(model, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "evaluate", evaluate)
+    # Stage 3 (from Stage 1): its backbone trains, so each epoch refits the weights to other values
+    result = train_stage(config, dataset, features, run, 3, skip_stage2=True)
+    folder = run / "stage3"
+    info, log = info_of(folder), log_of(folder)
+    assert result.best_epoch == info["epoch"] == 2 and info["best"]["value"] == 0.3
+    assert [record["epoch"] for record in log] == [1, 2]
+    assert validated_with[0] != validated_with[1]  # epoch 1's refit moved them
+    # each validation scores with the weights fitted just before it, the ones its log line reports
+    assert validated_with[1:3] == [list(record["similarity_weights"].values()) for record in log]
+    for record in log:
+        assert {"epoch", "seconds", "train_loss", "losses", "gate", "lr", "valid", "similarity_weights"} <= set(record)
+        assert list(record["similarity_weights"]) == ["text", "collaborative"]
+    assert info["similarity_weights"] == log[-1]["similarity_weights"]
+    saved = load_file(str(folder / "model.safetensors"))["similarity.weight"]
+    assert saved.tolist() == pytest.approx(list(log[-1]["similarity_weights"].values()))
+    # the ranks validated at epoch 2 are those of the saved model: the weights were fitted before validating
+    _, epochs, by_epoch = read_epoch_ranks(folder)
+    assert epochs == [0, 1, 2] and by_epoch[2].tolist() == read_ranks(folder, "valid")[1].tolist()
+
+
+def test_stage_eval_every_validates_every_nth_epoch_and_the_last(setup, stage1, tmp_path, monkeypatch):
+    config, dataset, features = setup
+    run = new_run(setup, stage1, tmp_path)
+    monkeypatch.setattr(stages, "train_multimodal_epoch", no_training)
+    train_stage(config.override(["train.epochs=3", "train.eval_every=2"]), dataset, features, run, 2)
+    log = log_of(run / "stage2")
+    assert [record["epoch"] for record in log] == [1, 2, 3]
+    assert [record["epoch"] for record in log if "valid" in record] == [2, 3]
+    assert read_epoch_ranks(run / "stage2")[1] == [0, 2, 3]
+
+
+def test_stage_seconds_are_per_epoch(setup, stage1, tmp_path, monkeypatch):
+    config, dataset, features = setup
+    run = new_run(setup, stage1, tmp_path)
+    clock = [100.0]
+    monkeypatch.setattr(stages, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def two_seconds(model, *args, **kwargs):
+        clock[0] += 2.0
+        return {"total": 0.0}
+
+    monkeypatch.setattr(stages, "train_multimodal_epoch", two_seconds)
+    result = train_stage(config, dataset, features, run, 2)
+    assert [record["seconds"] for record in log_of(run / "stage2")] == [2.0, 2.0]
+    assert (result.seconds_per_epoch, result.total_seconds) == (2.0, 4.0)
+
+
+def test_training_a_stage_again_starts_a_new_log(setup, stage1, tmp_path, monkeypatch):
+    config, dataset, features = setup
+    run = new_run(setup, stage1, tmp_path)
+    monkeypatch.setattr(stages, "train_multimodal_epoch", no_training)
+    for _ in range(2):
+        train_stage(config, dataset, features, run, 2)
+    assert [record["epoch"] for record in log_of(run / "stage2")] == [1, 2]
+    for _ in range(2):
+        train_stage1(config.override(["train.epochs=1"]), dataset, run)
+    assert [record["epoch"] for record in log_of(run / "stage1")] == [1]
+
+
+def test_stage_metrics_recompute_from_the_saved_ranks(stage2):
+    folder, result = stage2
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics == result.metrics
+    for split in ("valid", "test"):
+        with open(folder / f"{split}_ranks.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        for protocol in ("full", "sampled"):
+            ranks = np.array([int(row[f"rank_{protocol}"]) for row in rows])
+            recomputed = metrics_from_ranks(ranks)
+            assert all(recomputed[name] == pytest.approx(value) for name, value in metrics[split][protocol].items()
+                       if name in recomputed), (split, protocol)
+
+
+def test_internals_rank_the_test_target_as_test_ranks_does_and_the_top_items_1_to_10(setup, stage2):
+    _, dataset, _ = setup
+    folder, _ = stage2
+    with open(folder / "test_ranks.csv", newline="") as handle:
+        test = {row["user_id"]: row for row in csv.DictReader(handle)}
+    with open(folder / "internals/router_weights.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    targets = [row for row in rows if row["role"] == "target"]
+    assert len(targets) == dataset.n_users
+    for row in targets:
+        assert (row["item_id"], row["rank"]) == (test[row["user_id"]]["target_item"], test[row["user_id"]]["rank_full"])
+    user = rows[0]["user_id"]
+    assert [int(row["rank"]) for row in rows if row["user_id"] == user and row["role"] == "top"] == list(range(1, 11))
+
+
+# --------------------------------------------------------------------------- Stage 1 bookkeeping
+
+
+def test_stage1_keeps_its_first_validated_epoch_at_a_zero_metric_and_a_tie_never_replaces_it(
+        setup, tmp_path, monkeypatch):
+    config, dataset, _ = setup
+    prepare_run(tmp_path, config, dataset)
+    monkeypatch.setattr(trainer, "evaluate", forced_metric(trainer.evaluate, [0.0, 0.0]))
+    result = train_stage1(config, dataset, tmp_path)
+    assert (result.best_epoch, result.best_value) == (1, 0.0)
+    assert info_of(tmp_path / "stage1")["epoch"] == 1
+
+
+def test_stage1_eval_every_validates_every_nth_epoch_and_the_last(setup, tmp_path):
+    config, dataset, _ = setup
+    prepare_run(tmp_path, config, dataset)
+    train_stage1(config.override(["train.epochs=5", "train.eval_every=2", "train.patience=10"]), dataset, tmp_path)
+    log = log_of(tmp_path / "stage1")
+    assert [record["epoch"] for record in log] == [1, 2, 3, 4, 5]
+    assert [record["epoch"] for record in log if "valid" in record] == [2, 4, 5]
+    assert read_epoch_ranks(tmp_path / "stage1")[1] == [2, 4, 5]
+    assert info_of(tmp_path / "stage1")["epoch"] in (2, 4, 5)
+
+
+def test_stage1_seconds_are_per_epoch(setup, tmp_path, monkeypatch):
+    config, dataset, _ = setup
+    prepare_run(tmp_path, config, dataset)
+    clock = [100.0]
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real = trainer.train_epoch
+
+    def two_seconds(*args, **kwargs):
+        clock[0] += 2.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_epoch", two_seconds)
+    result = train_stage1(config, dataset, tmp_path)
+    assert [record["seconds"] for record in log_of(tmp_path / "stage1")] == [2.0, 2.0]
+    assert (result.seconds_per_epoch, result.total_seconds) == (2.0, 4.0)
+
+
+# --------------------------------------------------------------------------- run directory and checkpoints
+
+
+def test_prepare_run_writes_data_json_and_refuses_another_datasets_run_untouched(setup, tmp_path):
+    config, dataset, _ = setup
+    prepare_run(tmp_path, config, dataset)
+    assert json.loads((tmp_path / "data.json").read_text()) == json.loads(json.dumps(dataset.summary()))
+    before = {name: (tmp_path / name).read_text() for name in ("config.yaml", "data.json")}
+    other = config.override(["data.synthetic_users=41"])
+    with pytest.raises(RunDirError, match=f"holds a run on data {dataset.fingerprint}"):
+        prepare_run(tmp_path, other, load_dataset(other.data))
+    assert {name: (tmp_path / name).read_text() for name in before} == before
+
+
+def test_a_failed_write_json_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    write_json(path, {"a": 1})
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rundir.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_rank_files_use_raw_ids(tmp_path):
+    dataset = types.SimpleNamespace(n_users=2, user_raw_ids=np.array(["u7", "u9"]), item_raw_ids=np.array(["", "a", "b", "c"]),
+                                    target=lambda split: np.array([3, 1]) if split == "valid" else np.array([2, 2]))
+    write_ranks(tmp_path / "valid_ranks.csv", dataset, "valid", np.array([4, 1]), np.array([2, 1]))
+    assert (tmp_path / "valid_ranks.csv").read_text().splitlines() == [
+        "user_id,target_item,rank_full,rank_sampled", "u7,c,4,2", "u9,a,1,1"]
+    epochs = EpochRanks(tmp_path / "valid_ranks_by_epoch.csv", dataset)
+    epochs.add(0, np.array([5, 2]))
+    epochs.add(3, np.array([4, 1]))
+    assert (tmp_path / "valid_ranks_by_epoch.csv").read_text().splitlines() == [
+        "user_id,target_item,epoch_0,epoch_3", "u7,c,5,4", "u9,a,2,1"]
+
+
+def test_checkpoint_json_records_the_versions(tmp_path):
+    save_checkpoint(tmp_path, torch.nn.Linear(2, 1), {"stage": 1})
+    info = info_of(tmp_path)
+    assert info["stage"] == 1 and info["versions"]["ur4rec"] == ur4rec.__version__
+    assert info["versions"]["torch"] == torch.__version__ and info["versions"]["numpy"] == np.__version__
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, torch.nn.Linear(2, 1), {"stage": 1, "epoch": 1})
+    before = {name: (tmp_path / name).read_bytes() for name in ("model.safetensors", "checkpoint.json")}
+
+    def torn(state, filename):
+        with open(filename, "wb") as handle:
+            handle.write(b"half")
+        raise OSError("killed")
+
+    monkeypatch.setattr(checkpoint, "save_file", torn)
+    with pytest.raises(OSError, match="killed"):
+        save_checkpoint(tmp_path, torch.nn.Linear(2, 1), {"stage": 1, "epoch": 2})
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def cli_config(setup, tmp_path, monkeypatch):
+    """The tiny config as a YAML file; building or loading features gives the random ones."""
+    config, _, _ = setup
+    path = tmp_path / "tiny.yaml"
+    config.save(path)
+    built = []
+
+    def build_features(config, dataset, run_dir, *args, **kwargs):
+        built.append(run_dir)
+        return random_features(dataset)
+
+    monkeypatch.setattr(ur4rec.features, "build_features", build_features)
+    monkeypatch.setattr(ur4rec.features, "load_features", lambda run_dir, dataset: random_features(dataset))
+    return path, built
+
+
+def test_cli_stage3_with_skip_stage2_runs_from_stage1_and_evaluate_reproduces_it(cli_config, tmp_path, capsys):
+    config, built = cli_config
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--stage", "1", "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    test = json.loads((run / "stage1/metrics.json").read_text())["test"]
+    for protocol in ("full", "sampled"):  # the printed table holds the test metrics
+        assert f"{'SASRec (stage 1)':<20} {protocol:<8} {test[protocol]['hr@5']:>9.4f} {test[protocol]['hr@10']:>9.4f}" \
+            in out
+    assert main(["train", "--config", str(config), "--stage", "3", "--skip-stage2", "--run-dir", str(run)]) == 0
+    assert "UR4Rec (stage 3)" in capsys.readouterr().out and built == [run]
+    assert info_of(run / "stage3")["skipped"] == ["stage2"] and not (run / "stage2").exists()
+    assert main(["evaluate", "--run-dir", str(run), "--stage", "3"]) == 0
+    assert "every metric matches" in capsys.readouterr().out
+    metrics = json.loads((run / "stage3/metrics.json").read_text())
+    metrics["test"]["full"]["ndcg@10"] += 0.01
+    (run / "stage3/metrics.json").write_text(json.dumps(metrics))
+    assert main(["evaluate", "--run-dir", str(run), "--stage", "3"]) == 1
+    assert "test/full/ndcg@10: saved" in capsys.readouterr().err
+    assert json.loads((run / "stage3/metrics.json").read_text()) == metrics  # evaluate never rewrites it
+
+
+def test_cli_train_refuses_a_later_stage_without_its_predecessor_before_building_features(
+        cli_config, tmp_path, capsys):
+    config, built = cli_config
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--stage", "2", "--run-dir", str(run)]) == 2
+    assert "stage2 needs a valid stage-1 checkpoint" in capsys.readouterr().err
+    assert built == [] and not (run / "stage1").exists() and not (run / "stage2").exists()
+
+
+def test_cli_stages_must_be_increasing_stage_numbers(cli_config, tmp_path, capsys):
+    config, _ = cli_config
+    for stages_arg, message in (("2,1", "stages are 1, 2, 3 in increasing order"), ("1,4", "increasing order"),
+                                ("1,x", "expected comma-separated stage numbers")):
+        assert main(["train", "--config", str(config), "--stages", stages_arg, "--run-dir", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err, stages_arg
+    assert not list(tmp_path.glob("stage*"))
+
+
+def test_cli_errors_exit_2_with_a_message(cli_config, setup, tmp_path, capsys):
+    config, built = cli_config
+    assert main(["train", "--config", str(config), "--set", "train.epoch=3", "--run-dir", str(tmp_path / "a")]) == 2
+    assert "epoch" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(["evaluate", "--run-dir", str(tmp_path / "missing"), "--stage", "2"]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+    assert main(["ablate", "--config", str(config), "--run-dir", str(tmp_path), "--only", "gate_off,no_memroy"]) == 2
+    assert "unknown ablation 'no_memroy'" in capsys.readouterr().err and built == []
+    prepare_run(tmp_path / "b", *setup[:2])  # a run on other data
+    assert main(["train", "--config", str(config), "--set", "data.synthetic_users=41", "--run-dir",
+                 str(tmp_path / "b")]) == 2
+    assert "holds a run on data" in capsys.readouterr().err and not (tmp_path / "b/stage1").exists()
+
+
+def test_cli_data_stats_json_and_config_show_reflect_the_overrides(setup, cli_config, capsys):
+    _, dataset, _ = setup
+    config, _ = cli_config
+    assert main(["data", "stats", "--config", str(config), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(dataset.summary()))
+    assert main(["config", "show", "--config", str(config), "--set", "train.epochs=7"]) == 0
+    lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert (lines["train.epochs"], lines["data.synthetic_users"]) == ("7", "40")

@@ -79,8 +79,8 @@ def other_half_values(ranks_by_epoch: np.ndarray, metric: str = "ndcg@10", selec
     ``ranks_by_epoch`` is (epochs, users). The users are split into two random halves (of equal
     size, or one user apart); the epoch with the best mean ``select_metric`` on one half (the
     earliest among equals, as early stopping keeps it) is scored on the other half, and the other
-    way round. Averaged
-    over ``halvings`` splits drawn from ``seed``, so two runs on the same users share the splits.
+    way round. Averaged over ``halvings`` splits drawn from ``seed``, so two runs on the same users
+    share the splits.
     A user's value never depends on its own ranks through the choice of epoch.
     """
     select = np.stack([per_user(ranks, select_metric) for ranks in ranks_by_epoch])  # (E, U)

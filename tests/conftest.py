@@ -23,3 +23,13 @@ def smoke_config() -> Config:
 @pytest.fixture
 def synthetic(smoke_config):
     return load_dataset(smoke_config.data)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """(config, dataset, features) of the tiny synthetic multimodal run (tests/tiny_run.py)."""
+    from tiny_run import random_features, tiny_config
+
+    config = tiny_config()
+    dataset = load_dataset(config.data)
+    return config, dataset, random_features(dataset)

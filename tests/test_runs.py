@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_stages import random_features, tiny_config
+from tiny_run import random_features
 
 import ur4rec
 import ur4rec.features
@@ -23,13 +23,6 @@ from ur4rec.training import checkpoint, stages, trainer
 from ur4rec.training.checkpoint import save_checkpoint
 from ur4rec.training.stages import train_stage
 from ur4rec.training.trainer import train_stage1
-
-
-@pytest.fixture(scope="module")
-def setup():
-    config = tiny_config()
-    dataset = load_dataset(config.data)
-    return config, dataset, random_features(dataset)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 import json
 import shutil
-import types
 
 import numpy as np
 import pytest
@@ -8,8 +7,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ur4rec.config import Config
-from ur4rec.data import load_dataset
 from ur4rec.evaluation import build_eval_inputs, evaluate, sample_negatives
 from ur4rec.models.losses import combine_losses
 from ur4rec.models.ur4rec_model import PARAMETER_GROUPS
@@ -33,39 +30,6 @@ from ur4rec.training.stages import (
     window_positions,
 )
 from ur4rec.training.trainer import NonFiniteLossError, training_windows
-
-
-def tiny_config(*overrides) -> Config:
-    return Config().override([
-        "data.name=synthetic", "data.synthetic_users=40", "data.synthetic_items=40", "data.synthetic_length=12",
-        "data.max_len=8", "model.hidden_size=16", "model.num_layers=1", "model.num_heads=2", "model.dropout=0.1",
-        "train.epochs=2", "train.batch_size=32", "train.learning_rate=0.01", "train.progress=false",
-        "train.threads=1", "eval.num_sampled_negatives=5", "moe.short_term_size=4", "moe.long_term_capacity=4",
-        "moe.retrieval_top_k=4", "moe.num_negatives=8", "moe.attention_sample_users=5", *overrides])
-
-
-def random_features(dataset, seed=0):
-    rng = np.random.default_rng(seed)
-    V, U = dataset.n_items + 1, dataset.n_users
-
-    def unit(shape):
-        array = rng.normal(size=shape)
-        return (array / np.linalg.norm(array, axis=1, keepdims=True)).astype(np.float32)
-
-    features = types.SimpleNamespace(
-        item_text=unit((V, 384)), item_text_mask=np.r_[False, rng.random(V - 1) < 0.9],
-        user_text=unit((U, 384)), user_text_mask=rng.random(U) < 0.8,
-        item_image=unit((V, 512)), item_image_mask=np.r_[False, rng.random(V - 1) < 0.7])
-    features.item_text[0] = 0
-    features.item_image[0] = 0
-    return features
-
-
-@pytest.fixture(scope="module")
-def setup():
-    config = tiny_config()
-    dataset = load_dataset(config.data)
-    return config, dataset, random_features(dataset)
 
 
 @pytest.fixture(scope="module")

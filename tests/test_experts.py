@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_ur4rec_model import N_ITEMS, N_USERS, T, make_features, make_model
+from tiny_model import N_ITEMS, N_USERS, T, make_features, make_model
 
 from ur4rec.data.synthetic import SYNTHETIC_GENRES, make_synthetic
 from ur4rec.models.experts import (

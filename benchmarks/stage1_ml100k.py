@@ -13,16 +13,22 @@ over base is no more than two standard errors of the paired difference over user
 value averaged over the seeds, then differenced): then base. Its test metrics are the headline.
 Also times one full-ranking evaluation of all users.
 
-Peers measured on this kind of 2-core CPU (from issue #2, leave-one-out by time, same metrics):
-RecBole 1.2.1 SASRec (CE): ~235 s/epoch, best at epoch 11 (~47 min), test HR@10 0.221 /
-NDCG@10 0.111. pmixer SASRec.pytorch (BCE): 1.3-4.5 s/epoch, test HR@10 0.187 / NDCG@10 0.099.
+The peer's speed is measured in the same run: RecBole 1.2.1's SASRec (CE) trains
+``--recbole-epochs`` epochs on the same CPU (``benchmarks/peer_recbole.py``, in the environment
+``bash benchmarks/setup_recbole_peer.sh`` builds; without it the figure quoted below is used and
+the output says so). Its accuracy, and pmixer's SASRec.pytorch (not on PyPI), are the figures
+issue #2 quotes, measured on a 2-core AVX2 CPU (leave-one-out by time, same metrics): RecBole
+~235 s/epoch, best at epoch 11 (~47 min), test HR@10 0.221 / NDCG@10 0.111; pmixer 1.3-4.5
+s/epoch, test HR@10 0.187 / NDCG@10 0.099.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +42,7 @@ from ur4rec.data import load_dataset  # noqa: E402
 from ur4rec.evaluation import build_eval_inputs, evaluate, sample_negatives  # noqa: E402
 from ur4rec.evaluation.compare import other_half_values, read_epoch_ranks  # noqa: E402
 from ur4rec.evaluation.metrics import paired_difference_of_values  # noqa: E402
+from ur4rec.precision import resolve_precision  # noqa: E402
 from ur4rec.rundir import prepare_run, stage_dir  # noqa: E402
 from ur4rec.training.checkpoint import load_model  # noqa: E402
 from ur4rec.training.trainer import train_stage1  # noqa: E402
@@ -50,6 +57,30 @@ SETTINGS = {
     "layers2": ["model.num_layers=2"],
 }
 PEERS = {"RecBole SASRec (CE)": (235.0, 0.221, 0.111), "pmixer SASRec (BCE)": (4.5, 0.187, 0.099)}
+RECBOLE = "RecBole SASRec (CE)"
+
+
+def time_recbole(python: Path, epochs: int, threads: int) -> float | None:
+    """Mean seconds per epoch of RecBole's SASRec on this CPU, or None (with the reason printed)."""
+    if epochs <= 0:
+        return None
+    if not python.exists():
+        print(f"{RECBOLE} not timed: {python} is missing (bash benchmarks/setup_recbole_peer.sh builds it); "
+              "its speed below is the figure issue #2 quotes from another CPU")
+        return None
+    print(f"timing {RECBOLE} for {epochs} epoch(s) on this CPU ({threads} threads) ...", flush=True)
+    command = [str(python), str(ROOT / "benchmarks" / "peer_recbole.py"), "--epochs", str(epochs),
+               "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"{RECBOLE} failed (exit {done.returncode}); its speed below is the quoted figure:\n"
+              f"{done.stderr[-2000:]}")
+        return None
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    seconds = statistics.fmean(result["seconds_per_epoch"])
+    print(f"{RECBOLE}: {', '.join(f'{s:.1f}' for s in result['seconds_per_epoch'])} s per epoch "
+          f"({result['train_samples']} training sequences, torch {result['torch']}, {result['cpu']})", flush=True)
+    return seconds
 
 
 def peak_rss_mib() -> float:
@@ -89,16 +120,24 @@ def main() -> None:
     parser.add_argument("--seeds", default="42", help="comma-separated training seeds; settings are compared on "
                                                       "their mean validation NDCG@10")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="applied to every setting, e.g. train.precision=fp32 (repeatable)")
+    parser.add_argument("--recbole-epochs", type=int, default=2,
+                        help="epochs of RecBole's SASRec to time on this CPU in the same run (0: use the quoted figure)")
+    parser.add_argument("--recbole-python", type=Path, default=ROOT / ".venv-recbole" / "bin" / "python",
+                        help="the peer environment's Python (benchmarks/setup_recbole_peer.sh)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks" / "stage1_ml100k",
                         help="where the runs are kept, one run directory per setting and seed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    base = Config.load(args.config).override(["train.progress=false"])
+    base = Config.load(args.config).override(["train.progress=false", *args.overrides])
     dataset = load_dataset(base.data)
     print(f"{dataset.name}: {dataset.n_users} users, {dataset.n_items} items, {dataset.n_interactions} "
           f"interactions, fingerprint {dataset.fingerprint}; torch {torch.__version__}, {args.threads} threads, "
-          f"seeds {seeds}")
+          f"training precision {resolve_precision(base.train.precision, base.train.device)} "
+          f"(RecBole trains in fp32), seeds {seeds}")
+    recbole_seconds = time_recbole(args.recbole_python, args.recbole_epochs, args.threads)
 
     rows = []  # (setting, [StageResult per seed], [evaluation seconds per seed])
     other_half: dict[str, list] = {}  # setting -> per seed, every user's valid-oh NDCG@10
@@ -148,8 +187,11 @@ def main() -> None:
           f"{seconds:.2f} s/epoch, {statistics.fmean(r.total_seconds for r in results):.1f} s to early stopping, "
           f"peak RSS {peak_rss_mib():.0f} MiB")
     for peer, (peer_seconds, peer_hr, peer_ndcg) in PEERS.items():
-        print(f"  vs {peer}: {peer_seconds / seconds:.0f}x faster per epoch, "
-              f"HR@10 {hr / peer_hr - 1:+.1%}, NDCG@10 {ndcg / peer_ndcg - 1:+.1%}")
+        where = "quoted from issue #2, another CPU"
+        if peer == RECBOLE and recbole_seconds is not None:
+            peer_seconds, where = recbole_seconds, "measured in this run"
+        print(f"  vs {peer}: {peer_seconds / seconds:.0f}x faster per epoch ({peer_seconds:.1f} s, {where}), "
+              f"HR@10 {hr / peer_hr - 1:+.1%}, NDCG@10 {ndcg / peer_ndcg - 1:+.1%} (accuracy quoted from issue #2)")
     print(f"\nruns kept in {args.out.resolve()} (SETTING_seedS/): `ur4rec evaluate --run-dir RUN --stage 1` "
           "reproduces a run's metrics; `ur4rec compare` recomputes a paired difference")
 

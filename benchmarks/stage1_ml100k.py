@@ -137,7 +137,8 @@ def main() -> None:
           f"interactions, fingerprint {dataset.fingerprint}; torch {torch.__version__}, {args.threads} threads, "
           f"training precision {resolve_precision(base.train.precision, base.train.device)} "
           f"(RecBole trains in fp32), seeds {seeds}")
-    recbole_seconds = time_recbole(args.recbole_python, args.recbole_epochs, args.threads)
+    ml100k = dataset.name == "ml-100k"  # the peers' figures are for ML-100K only
+    recbole_seconds = time_recbole(args.recbole_python, args.recbole_epochs if ml100k else 0, args.threads)
 
     rows = []  # (setting, [StageResult per seed], [evaluation seconds per seed])
     other_half: dict[str, list] = {}  # setting -> per seed, every user's valid-oh NDCG@10
@@ -186,7 +187,7 @@ def main() -> None:
     print(f"\n{why}\nchosen on validation: {name}: test HR@10 {hr:.4f}, NDCG@10 {ndcg:.4f}, "
           f"{seconds:.2f} s/epoch, {statistics.fmean(r.total_seconds for r in results):.1f} s to early stopping, "
           f"peak RSS {peak_rss_mib():.0f} MiB")
-    for peer, (peer_seconds, peer_hr, peer_ndcg) in PEERS.items():
+    for peer, (peer_seconds, peer_hr, peer_ndcg) in PEERS.items() if ml100k else ():
         where = "quoted from issue #2, another CPU"
         if peer == RECBOLE and recbole_seconds is not None:
             peer_seconds, where = recbole_seconds, "measured in this run"

@@ -58,54 +58,56 @@ def main(argv: list[str] | None = None) -> int:
     here = os.getcwd()
     with tempfile.TemporaryDirectory() as scratch:
         os.chdir(scratch)  # RecBole's Trainer writes log_tensorboard/ into the working directory
-        config = Config(model="SASRec", dataset="ml-100k", config_dict={
-            "data_path": str(data_path),
-            "checkpoint_dir": scratch,
-            "loss_type": "CE",
-            "train_neg_sample_args": None,
-            "MAX_ITEM_LIST_LENGTH": 50,
-            "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-            "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
-            "metrics": ["Hit", "NDCG"],
-            "topk": [10],
-            "valid_metric": "NDCG@10",
-            "epochs": args.epochs,
-            "seed": args.seed,
-            "reproducibility": True,
-            "device": "cpu",
-            "use_gpu": False,
-            "worker": 0,
-            "show_progress": False,
-            "state": "WARNING",
-        })
-        logging.getLogger().setLevel(logging.WARNING)
-        init_seed(config["seed"], config["reproducibility"])
-        dataset = create_dataset(config)
-        train_data, valid_data, _ = data_preparation(config, dataset)
-        model = SASRec(config, train_data.dataset).to(config["device"])
-        trainer = Trainer(config, model)
-        seconds, losses = [], []
-        for epoch in range(args.epochs):
-            start = time.perf_counter()
-            loss = trainer._train_epoch(train_data, epoch, show_progress=False)
-            seconds.append(time.perf_counter() - start)
-            losses.append(float(loss if not isinstance(loss, tuple) else sum(loss)))
-            print(f"recbole SASRec epoch {epoch + 1}: {seconds[-1]:.1f} s, loss {losses[-1]:.4f}",
-                  file=sys.stderr, flush=True)
-        result = {
-            "peer": "RecBole 1.2.1 SASRec (CE)",
-            "threads": args.threads,
-            "train_samples": len(train_data.dataset),
-            "seconds_per_epoch": seconds,
-            "train_loss": losses,
-            "torch": torch.__version__,
-            "cpu": _cpu_name(),
-        }
-        if args.evaluate:
-            start = time.perf_counter()
-            result["valid_recbole_protocol"] = dict(trainer.evaluate(valid_data, load_best_model=False))
-            result["evaluate_seconds"] = time.perf_counter() - start
-        os.chdir(here)
+        try:
+            config = Config(model="SASRec", dataset="ml-100k", config_dict={
+                "data_path": str(data_path),
+                "checkpoint_dir": scratch,
+                "loss_type": "CE",
+                "train_neg_sample_args": None,
+                "MAX_ITEM_LIST_LENGTH": 50,
+                "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+                "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
+                "metrics": ["Hit", "NDCG"],
+                "topk": [10],
+                "valid_metric": "NDCG@10",
+                "epochs": args.epochs,
+                "seed": args.seed,
+                "reproducibility": True,
+                "device": "cpu",
+                "use_gpu": False,
+                "worker": 0,
+                "show_progress": False,
+                "state": "WARNING",
+            })
+            logging.getLogger().setLevel(logging.WARNING)
+            init_seed(config["seed"], config["reproducibility"])
+            dataset = create_dataset(config)
+            train_data, valid_data, _ = data_preparation(config, dataset)
+            model = SASRec(config, train_data.dataset).to(config["device"])
+            trainer = Trainer(config, model)
+            seconds, losses = [], []
+            for epoch in range(args.epochs):
+                start = time.perf_counter()
+                loss = trainer._train_epoch(train_data, epoch, show_progress=False)
+                seconds.append(time.perf_counter() - start)
+                losses.append(float(loss if not isinstance(loss, tuple) else sum(loss)))
+                print(f"recbole SASRec epoch {epoch + 1}: {seconds[-1]:.1f} s, loss {losses[-1]:.4f}",
+                      file=sys.stderr, flush=True)
+            result = {
+                "peer": "RecBole 1.2.1 SASRec (CE)",
+                "threads": args.threads,
+                "train_samples": len(train_data.dataset),
+                "seconds_per_epoch": seconds,
+                "train_loss": losses,
+                "torch": torch.__version__,
+                "cpu": _cpu_name(),
+            }
+            if args.evaluate:
+                start = time.perf_counter()
+                result["valid_recbole_protocol"] = dict(trainer.evaluate(valid_data, load_best_model=False))
+                result["evaluate_seconds"] = time.perf_counter() - start
+        finally:
+            os.chdir(here)
     print(json.dumps(result))
     return 0
 

@@ -16,8 +16,9 @@ the accuracy half of issue #2's peer comparison, measured on this CPU.
 3. Ranks those scores with `ur4rec.evaluation.evaluate`, the code that ranks Stage 1: full
    ranking with each user's seen items excluded, and the 1+99 sampled protocol with UR4Rec's
    fixed negatives. Writes `metrics.json`, `valid_ranks.csv`, `test_ranks.csv` (the run-directory
-   formats, so `ur4rec compare` pairs them with any UR4Rec run user by user) and `peer.json`
-   (RecBole's epoch times and validation curve) into `--out`.
+   formats, so `ur4rec compare` pairs them with any UR4Rec run user by user), `data.json` (the
+   dataset's summary and fingerprint) and `peer.json` (RecBole's epoch times and validation
+   curve) into `--out`, where `benchmarks/stage1_ml100k.py` finds RecBole's accuracy.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def main() -> None:
         result = evaluate(SavedScores(scores[split]), inputs, config.eval)
         metrics[split] = result.metrics
         write_ranks(args.out / f"{split}_ranks.csv", dataset, split, result.rank_full, result.rank_sampled)
+    write_json(args.out / "data.json", dataset.summary())
     write_json(args.out / "metrics.json", metrics)
     write_json(args.out / "peer.json", peer)
 

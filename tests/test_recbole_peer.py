@@ -81,3 +81,14 @@ def test_saved_scores_are_ranked_like_a_model(synthetic, smoke_config):
         assert result.rank_full[user] == expected
     assert torch.equal(SavedScores(table).score_all(torch.tensor([2, 0]), torch.zeros(2, 3)),
                        torch.from_numpy(table[[2, 0]]))
+
+
+def test_stage1_benchmark_reads_recbole_accuracy_of_the_same_data_only(tmp_path, capsys):
+    from stage1_ml100k import recbole_accuracy
+
+    assert recbole_accuracy(tmp_path, "abc") is None  # not measured: the quoted figure is used
+    (tmp_path / "data.json").write_text('{"fingerprint": "abc"}')
+    (tmp_path / "metrics.json").write_text('{"test": {"full": {"hr@10": 0.2, "ndcg@10": 0.1}}}')
+    assert recbole_accuracy(tmp_path, "abc") == (0.2, 0.1)
+    assert recbole_accuracy(tmp_path, "xyz") is None
+    assert "another dataset" in capsys.readouterr().out

@@ -180,8 +180,8 @@ def _fit_and_score(trainer, train_data, valid_data, dataset, data_dir: Path) -> 
                 rows.append((output @ model.item_embedding.weight.T).numpy())
             scores[split] = in_ur4rec_order(np.concatenate(rows), lookup)
     np.savez(data_dir / "scores.npz", **scores)
-    best_epoch = max((row for row in log if row["valid_ndcg@10_recbole_protocol"] >= best_score),
-                     key=lambda row: row["valid_ndcg@10_recbole_protocol"])["epoch"]
+    # RecBole keeps a later epoch that ties the best (``>=``), so the saved weights are the last such
+    best_epoch = [row["epoch"] for row in log if row["valid_ndcg@10_recbole_protocol"] == best_score][-1]
     return {
         "seconds_per_epoch": seconds,
         "fit_seconds": fit_seconds,

@@ -144,6 +144,7 @@ def _fit_and_score(trainer, train_data, valid_data, dataset, data_dir: Path) -> 
     import torch
 
     seconds, log = [], []
+    best = {"score": float("-inf"), "epoch": None, "state": None}
     train_epoch = trainer._train_epoch
 
     def timed_train_epoch(*args, **kwargs):
@@ -156,14 +157,18 @@ def _fit_and_score(trainer, train_data, valid_data, dataset, data_dir: Path) -> 
         log.append({"epoch": epoch + 1, "seconds": seconds[-1], "valid_ndcg@10_recbole_protocol": valid_score})
         print(f"recbole SASRec epoch {epoch + 1}: {seconds[-1]:.1f} s, valid NDCG@10 (RecBole protocol) "
               f"{valid_score:.4f}", file=sys.stderr, flush=True)
+        if valid_score >= best["score"]:  # RecBole's own rule: a later epoch that ties the best replaces it
+            state = {key: value.detach().clone() for key, value in trainer.model.state_dict().items()}
+            best.update(score=valid_score, epoch=epoch + 1, state=state)
 
     trainer._train_epoch = timed_train_epoch
     start = time.perf_counter()
-    best_score, best_result = trainer.fit(train_data, valid_data, verbose=False, saved=True,
+    best_score, best_result = trainer.fit(train_data, valid_data, verbose=False, saved=False,
                                           callback_fn=after_validation)
     fit_seconds = time.perf_counter() - start
-    state = torch.load(trainer.saved_model_file, map_location="cpu", weights_only=False)["state_dict"]
-    trainer.model.load_state_dict(state)
+    if best["score"] != best_score:
+        sys.exit(f"the best validation score kept here ({best['score']}) is not RecBole's ({best_score})")
+    trainer.model.load_state_dict(best["state"])  # the best epoch's weights, kept in memory: no pickle
     model = trainer.model.eval()
 
     histories = np.load(data_dir / "histories.npz")
@@ -180,13 +185,11 @@ def _fit_and_score(trainer, train_data, valid_data, dataset, data_dir: Path) -> 
                 rows.append((output @ model.item_embedding.weight.T).numpy())
             scores[split] = in_ur4rec_order(np.concatenate(rows), lookup)
     np.savez(data_dir / "scores.npz", **scores)
-    # RecBole keeps a later epoch that ties the best (``>=``), so the saved weights are the last such
-    best_epoch = [row["epoch"] for row in log if row["valid_ndcg@10_recbole_protocol"] == best_score][-1]
     return {
         "seconds_per_epoch": seconds,
         "fit_seconds": fit_seconds,
         "epochs_run": len(seconds),
-        "best_epoch": best_epoch,
+        "best_epoch": best["epoch"],
         "valid_recbole_protocol": {key: float(value) for key, value in dict(best_result).items()},
         "log": log,
     }

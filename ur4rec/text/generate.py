@@ -94,7 +94,7 @@ def generate_texts(
             logger.warning("%s: removed an incomplete last record (%d bytes) left by an interrupted run",
                            cache.path, cache.truncated_bytes)
         pending = [index for index, key in enumerate(keys) if key not in cache]
-        bar = tqdm(pending, desc=f"texts ({generator.backend})", unit="text", disable=not progress)
+        bar = tqdm(pending, desc=f"texts ({generator.backend})", unit="text", disable=not (progress and pending))
         for index in bar:
             if keys[index] in cache:  # an identical prompt earlier in this run
                 continue

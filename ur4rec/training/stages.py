@@ -588,7 +588,8 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
     save_checkpoint(out, model, {**base_info, "epoch": 0, "similarity_weights": weights, "best": {
         "metric": f"valid/full/{config.eval.select_metric}", "value": best_value}})
     start_all = time.perf_counter()
-    bar = tqdm(range(1, epochs + 1), desc=spec.name, unit="epoch", disable=not config.train.progress)
+    label = f"stage {spec.name.removeprefix('stage')}"  # as Stage 1's bar and the CLI's summary
+    bar = tqdm(range(1, epochs + 1), desc=label, unit="epoch", disable=not config.train.progress)
     for epoch in bar:
         start = time.perf_counter()
         losses = train_multimodal_epoch(model, optimizer, trainable, windows, config, rng, generator, epoch, uncertainty)

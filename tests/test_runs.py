@@ -18,6 +18,7 @@ from ur4rec.cli import main
 from ur4rec.data import load_dataset
 from ur4rec.evaluation import metrics_from_ranks
 from ur4rec.evaluation.compare import read_epoch_ranks, read_ranks
+from ur4rec.reproduce import compare_outputs
 from ur4rec.rundir import EpochRanks, RunDirError, prepare_run, write_json, write_ranks
 from ur4rec.training import checkpoint, stages, trainer
 from ur4rec.training.checkpoint import save_checkpoint
@@ -352,7 +353,31 @@ def test_cli_stage3_with_skip_stage2_runs_from_stage1_and_evaluate_reproduces_it
     assert "UR4Rec (stage 3)" in capsys.readouterr().out and built == [run]
     assert info_of(run / "stage3")["skipped"] == ["stage2"] and not (run / "stage2").exists()
     assert main(["evaluate", "--run-dir", str(run), "--stage", "3"]) == 0
-    assert "every metric matches" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "every metric matches" in out
+    for name in ["internals/router_weights.csv", "internals/expert_contributions.csv", "internals/attention.npz",
+                 "test_ranks.csv", "valid_ranks.csv"]:
+        assert name in out, name
+    # the internals are recomputed from the checkpoint: a router weight or an attention weight changed is caught
+    router = run / "stage3/internals/router_weights.csv"
+    original = router.read_text()
+    lines = original.splitlines()
+    cells = lines[3].split(",")
+    cells[-1] = f"{float(cells[-1]) + 1e-4:.6f}"  # ten times the tolerance for values written to 6 decimals
+    router.write_text("\n".join(lines[:3] + [",".join(cells)] + lines[4:]) + "\n")
+    assert main(["evaluate", "--run-dir", str(run), "--stage", "3"]) == 1
+    assert f"internals/router_weights.csv line 4 (user_id {cells[0]}): {lines[0].split(',')[-1]} saved" \
+        in capsys.readouterr().err
+    router.write_text(original)
+    attention = run / "stage3/internals/attention.npz"
+    original = attention.read_bytes()
+    arrays = dict(np.load(attention))
+    arrays["backbone_layer0"] = arrays["backbone_layer0"].copy()
+    arrays["backbone_layer0"][0, 0, -1, -1] += 1e-3
+    np.savez_compressed(attention, **arrays)
+    assert main(["evaluate", "--run-dir", str(run), "--stage", "3"]) == 1
+    assert "internals/attention.npz: backbone_layer0 differs by up to 0.001 at 1 of" in capsys.readouterr().err
+    attention.write_bytes(original)
     metrics = json.loads((run / "stage3/metrics.json").read_text())
     metrics["test"]["full"]["ndcg@10"] += 0.01
     (run / "stage3/metrics.json").write_text(json.dumps(metrics))
@@ -401,3 +426,25 @@ def test_cli_data_stats_json_and_config_show_reflect_the_overrides(setup, cli_co
     assert main(["config", "show", "--config", str(config), "--set", "train.epochs=7"]) == 0
     lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
     assert (lines["train.epochs"], lines["data.synthetic_users"]) == ("7", "40")
+
+
+def test_compare_outputs_holds_ranks_and_ids_exactly_and_decimals_to_the_tolerance(tmp_path):
+    saved, fresh = tmp_path / "saved", tmp_path / "fresh"
+    for folder in (saved, fresh):
+        (folder / "internals").mkdir(parents=True)
+    header = "user_id,item_id,rank,weight\n"
+    (saved / "internals/a.csv").write_text(header + "u1,i1,3,0.123456\nu2,i2,4,0.500000\nu3,i3,5,0.2\n")
+    (fresh / "internals/a.csv").write_text(header + "u1,i1,3,0.123460\nu2,i9,3,0.500000\nu3,i3,5,0.20002\n")
+    np.savez(saved / "internals/b.npz", ids=np.array([1, 2]), w=np.array([0.5, 0.25]))
+    np.savez(fresh / "internals/b.npz", ids=np.array([1, 3]), w=np.array([0.500004, 0.25]))
+    (fresh / "test_ranks.csv").write_text("user_id,target_item,rank_full,rank_sampled\n")
+    compared, absent, differences = compare_outputs(saved, fresh)
+    assert compared == ["internals/a.csv", "internals/b.npz"] and absent == ["test_ranks.csv"]
+    assert differences == [  # 4e-6 and 4e-6 pass; another item, a rank one off and 2e-5 do not
+        "internals/a.csv line 3 (user_id u2): item_id saved i2 vs now i9",
+        "internals/a.csv line 3 (user_id u2): rank saved 4 vs now 3",
+        "internals/a.csv line 4 (user_id u3): weight saved 0.2 vs now 0.20002",
+        "internals/b.npz: ids differs at 1 of 2 entries",
+    ]
+    (fresh / "internals/a.csv").write_text("user_id,item_id,rank\n")
+    assert compare_outputs(saved, fresh)[2][0].startswith("internals/a.csv: header ['user_id', 'item_id', 'rank', 'weight']")

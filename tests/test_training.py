@@ -163,6 +163,17 @@ def test_cli_train_and_evaluate_end_to_end(tmp_path, capsys):
     (run_dir / "stage1/metrics.json").write_text(json.dumps(metrics))
     assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "1"]) == 1
     assert "valid/full/mrr: missing from metrics.json" in capsys.readouterr().err
+    # the ranks files are recomputed too: one user's rank moved by one is caught, by file, line and column
+    (run_dir / "stage1/metrics.json").unlink()
+    lines = (run_dir / "stage1/test_ranks.csv").read_text().splitlines()
+    user, item, rank_full, rank_sampled = lines[7].split(",")
+    lines[7] = ",".join([user, item, rank_full, str(int(rank_sampled) + 1)])
+    (run_dir / "stage1/test_ranks.csv").write_text("\n".join(lines) + "\n")
+    assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert "not in" in out and "so not checked: metrics.json" in out  # what the run lacks is said, not failed
+    assert f"test_ranks.csv line 8 (user_id {user}): rank_sampled saved {int(rank_sampled) + 1} vs now {rank_sampled}" \
+        in err and "valid_ranks.csv" not in err
 
 
 def test_only_real_targets_reach_the_loss_and_the_tie_gap_reaches_the_windows(smoke_config, synthetic, tmp_path,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
+import tempfile
 from pathlib import Path
 
 from ur4rec.config import Config, ConfigError, describe
@@ -192,39 +192,33 @@ def command_ablate(args) -> int:
 
 
 def command_evaluate(args) -> int:
+    from ur4rec.reproduce import compare_outputs
     from ur4rec.training.trainer import evaluate_stage
 
     stage_path = args.run_dir / f"stage{args.stage}"
     info = read_checkpoint_info(stage_path)
     config = Config.from_dict(info["config"], source=str(stage_path / "checkpoint.json"))
     dataset = load_dataset(config.data)
-    if args.stage == 1:
-        metrics = evaluate_stage(args.run_dir, dataset, config, stage=1, write=False)
-    else:
-        from ur4rec.features import load_features
-        from ur4rec.training.stages import evaluate_multimodal_stage
+    with tempfile.TemporaryDirectory(prefix="ur4rec-evaluate-") as scratch:
+        if args.stage == 1:
+            metrics = evaluate_stage(args.run_dir, dataset, config, stage=1, into=Path(scratch))
+        else:
+            from ur4rec.features import load_features
+            from ur4rec.training.stages import evaluate_multimodal_stage
 
-        features = load_features(args.run_dir, dataset)
-        metrics = evaluate_multimodal_stage(args.run_dir, dataset, features, config, args.stage, write=False)
-    print_table({f"stage {args.stage}": metrics["test"]}, "test")
-    saved_path = stage_path / "metrics.json"
-    if not saved_path.exists():
-        print(f"{saved_path} does not exist; nothing to compare with")
-        return 0
-    saved = json.loads(saved_path.read_text())
-    differences = []
-    for split in metrics:
-        for protocol in metrics[split]:
-            for name, value in metrics[split][protocol].items():
-                old = saved.get(split, {}).get(protocol, {}).get(name)
-                if old is None:
-                    differences.append(f"{split}/{protocol}/{name}: missing from metrics.json, now {value}")
-                elif not math.isclose(old, value, rel_tol=1e-6, abs_tol=1e-9):
-                    differences.append(f"{split}/{protocol}/{name}: saved {old} vs now {value}")
+            features = load_features(args.run_dir, dataset)
+            metrics = evaluate_multimodal_stage(args.run_dir, dataset, features, config, args.stage,
+                                                into=Path(scratch))
+        print_table({f"stage {args.stage}": metrics["test"]}, "test")
+        compared, absent, differences = compare_outputs(stage_path, Path(scratch))
+    if absent:
+        print(f"not in {stage_path}, so not checked: {', '.join(absent)}")
     if differences:
-        print("metrics differ from metrics.json:\n  " + "\n  ".join(differences), file=sys.stderr)
+        print(f"{stage_path} differs from its checkpoint's evaluation:\n  " + "\n  ".join(differences),
+              file=sys.stderr)
         return 1
-    print(f"reproduced {saved_path}: every metric matches")
+    if compared:
+        print(f"reproduced {stage_path}: every metric matches, and every value in {', '.join(compared)}")
     return 0
 
 

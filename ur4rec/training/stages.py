@@ -631,10 +631,12 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
 
 
 def evaluate_multimodal_stage(run_dir: Path, dataset: SequenceDataset, features, config: Config, stage: int,
-                              write: bool = True) -> dict:
-    """Reload the stage's best checkpoint, evaluate it on validation and test, write metrics,
-    test ranks and the internals."""
+                              into: Path | None = None) -> dict:
+    """Reload the stage's best checkpoint, evaluate it on validation and test, and write
+    metrics.json, the ranks files and the internals into ``into`` (the stage directory unless
+    given: ``ur4rec evaluate`` writes elsewhere and compares, :mod:`ur4rec.reproduce`)."""
     out = stage_dir(run_dir, stage)
+    into = out if into is None else Path(into)
     model, _ = load_stage_model(out, features, dataset)
     device = config.train.device
     model.to(device)
@@ -644,12 +646,11 @@ def evaluate_multimodal_stage(run_dir: Path, dataset: SequenceDataset, features,
         inputs = build_eval_inputs(dataset, split, config.data.max_len, negatives)
         results[split] = (inputs, evaluate(model, inputs, config.eval, device))
         metrics[split] = results[split][1].metrics
-    if write:
-        write_json(out / "metrics.json", metrics)
-        for split, (_, result) in results.items():
-            write_ranks(out / f"{split}_ranks.csv", dataset, split, result.rank_full, result.rank_sampled)
-        inputs, test = results["test"]
-        write_internals(out / "internals", model, dataset, inputs, test.rank_full, config)
+    write_json(into / "metrics.json", metrics)
+    for split, (_, result) in results.items():
+        write_ranks(into / f"{split}_ranks.csv", dataset, split, result.rank_full, result.rank_sampled)
+    inputs, test = results["test"]
+    write_internals(into / "internals", model, dataset, inputs, test.rank_full, config)
     return metrics
 
 

@@ -230,9 +230,12 @@ def _checkpoint_info(config: Config, dataset: SequenceDataset, epoch: int, value
 
 
 def evaluate_stage(run_dir: Path, dataset: SequenceDataset, config: Config, stage: int = 1,
-                   write: bool = True) -> dict:
-    """Reload the stage's best checkpoint and evaluate it on validation and test."""
+                   into: Path | None = None) -> dict:
+    """Reload the stage's best checkpoint, evaluate it on validation and test, and write
+    metrics.json and the ranks files into ``into`` (the stage directory unless given:
+    ``ur4rec evaluate`` writes elsewhere and compares, :mod:`ur4rec.reproduce`)."""
     out = stage_dir(run_dir, stage)
+    into = out if into is None else Path(into)
     model, _ = load_model(out, fingerprint=dataset.fingerprint)
     model.to(config.train.device)
     negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
@@ -241,8 +244,7 @@ def evaluate_stage(run_dir: Path, dataset: SequenceDataset, config: Config, stag
         inputs: EvalInputs = build_eval_inputs(dataset, split, config.data.max_len, negatives)
         results[split] = evaluate(model, inputs, config.eval, config.train.device)
         metrics[split] = results[split].metrics
-    if write:
-        write_json(out / "metrics.json", metrics)
-        for split, result in results.items():
-            write_ranks(out / f"{split}_ranks.csv", dataset, split, result.rank_full, result.rank_sampled)
+    write_json(into / "metrics.json", metrics)
+    for split, result in results.items():
+        write_ranks(into / f"{split}_ranks.csv", dataset, split, result.rank_full, result.rank_sampled)
     return metrics

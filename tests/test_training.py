@@ -171,9 +171,15 @@ def test_cli_train_and_evaluate_end_to_end(tmp_path, capsys):
     (run_dir / "stage1/test_ranks.csv").write_text("\n".join(lines) + "\n")
     assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "1"]) == 1
     out, err = capsys.readouterr()
-    assert "not in" in out and "so not checked: metrics.json" in out  # what the run lacks is said, not failed
-    assert f"test_ranks.csv line 8 (user_id {user}): rank_sampled saved {int(rank_sampled) + 1} vs now {rank_sampled}" \
-        in err and "valid_ranks.csv" not in err
+    assert "not in" in out and "so not checked: stage1/metrics.json" in out  # what the run lacks is said, not failed
+    assert f"stage1/test_ranks.csv line 8 (user_id {user}): rank_sampled saved {int(rank_sampled) + 1} vs now " \
+        f"{rank_sampled}" in err and "valid_ranks.csv" not in err
+    # so is the Pop baseline the printed table shows
+    pop = json.loads((run_dir / "baselines/pop/metrics.json").read_text())
+    pop["valid"]["sampled"]["hr@5"] += 0.001
+    (run_dir / "baselines/pop/metrics.json").write_text(json.dumps(pop))
+    assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "1"]) == 1
+    assert "baselines/pop/metrics.json: valid/sampled/hr@5: saved" in capsys.readouterr().err
 
 
 def test_only_real_targets_reach_the_loss_and_the_tie_gap_reaches_the_windows(smoke_config, synthetic, tmp_path,

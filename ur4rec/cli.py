@@ -132,9 +132,20 @@ def _stages(args) -> list[int]:
     return [args.stage or 1]
 
 
-def command_train(args) -> int:
+def write_pop_baseline(run_dir: Path, dataset, config: Config) -> dict:
+    """The Pop baseline's metrics in the same harness, into ``run_dir/baselines/pop/metrics.json``."""
     from ur4rec.evaluation.evaluate import Popularity, build_eval_inputs, evaluate, sample_negatives
-    from ur4rec.rundir import prepare_run, write_json
+    from ur4rec.rundir import write_json
+
+    negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
+    pop = {split: evaluate(Popularity(dataset), build_eval_inputs(dataset, split, config.data.max_len, negatives),
+                           config.eval).metrics for split in ("valid", "test")}
+    write_json(Path(run_dir) / "baselines" / "pop" / "metrics.json", pop)
+    return pop
+
+
+def command_train(args) -> int:
+    from ur4rec.rundir import prepare_run
     from ur4rec.training.trainer import train_stage1
 
     config = _load_config(args)
@@ -163,11 +174,7 @@ def command_train(args) -> int:
         rows[name] = result.metrics["test"]
         print(f"\nstage {stage}: best epoch {result.best_epoch} of {result.epochs_run}, "
               f"{result.seconds_per_epoch:.2f} s/epoch, {result.total_seconds:.1f} s in all")
-    negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
-    pop = {split: evaluate(Popularity(dataset), build_eval_inputs(dataset, split, config.data.max_len, negatives),
-                           config.eval).metrics for split in ("valid", "test")}
-    write_json(run_dir / "baselines" / "pop" / "metrics.json", pop)
-    rows["Pop"] = pop["test"]
+    rows["Pop"] = write_pop_baseline(run_dir, dataset, config)["test"]
     print_table(rows, "test")
     print(f"\nrun directory: {run_dir.resolve()}")
     return 0
@@ -200,25 +207,28 @@ def command_evaluate(args) -> int:
     config = Config.from_dict(info["config"], source=str(stage_path / "checkpoint.json"))
     dataset = load_dataset(config.data)
     with tempfile.TemporaryDirectory(prefix="ur4rec-evaluate-") as scratch:
+        fresh = Path(scratch)  # laid out like the run directory
         if args.stage == 1:
-            metrics = evaluate_stage(args.run_dir, dataset, config, stage=1, into=Path(scratch))
+            metrics = evaluate_stage(args.run_dir, dataset, config, stage=1, into=fresh / stage_path.name)
         else:
             from ur4rec.features import load_features
             from ur4rec.training.stages import evaluate_multimodal_stage
 
             features = load_features(args.run_dir, dataset)
             metrics = evaluate_multimodal_stage(args.run_dir, dataset, features, config, args.stage,
-                                                into=Path(scratch))
+                                                into=fresh / stage_path.name)
+        if (args.run_dir / "baselines" / "pop" / "metrics.json").exists():  # in the table `train` prints
+            # written by the run's last `train`, with the run's config.yaml (the data fingerprint is the same)
+            write_pop_baseline(fresh, dataset, Config.load(args.run_dir / "config.yaml"))
         print_table({f"stage {args.stage}": metrics["test"]}, "test")
-        compared, absent, differences = compare_outputs(stage_path, Path(scratch))
+        compared, absent, differences = compare_outputs(args.run_dir, fresh)
     if absent:
-        print(f"not in {stage_path}, so not checked: {', '.join(absent)}")
+        print(f"not in {args.run_dir}, so not checked: {', '.join(absent)}")
     if differences:
-        print(f"{stage_path} differs from its checkpoint's evaluation:\n  " + "\n  ".join(differences),
-              file=sys.stderr)
+        print(f"{args.run_dir} differs from what its checkpoint gives:\n  " + "\n  ".join(differences), file=sys.stderr)
         return 1
     if compared:
-        print(f"reproduced {stage_path}: every metric matches, and every value in {', '.join(compared)}")
+        print(f"reproduced {args.run_dir}: every metric matches, and every value in {', '.join(compared)}")
     return 0
 
 

@@ -28,14 +28,14 @@ CSV_TOLERANCE = 1e-5
 def compare_outputs(saved: Path, fresh: Path) -> tuple[list[str], list[str], list[str]]:
     """Compare every file under ``fresh`` with the file of the same name under ``saved``.
 
-    Returns three lists of names relative to ``fresh``, ``metrics.json`` first and then in name
-    order: the files compared; the files ``saved`` lacks (a run stopped before its final
+    Returns three lists of names relative to ``fresh``, the ``metrics.json`` files first and
+    then in name order: the files compared; the files ``saved`` lacks (a run stopped before its final
     evaluation, or made by an older version), which are not checked; and the differences, each
     naming its file and, for a CSV, its line and column.
     """
     saved, fresh = Path(saved), Path(fresh)
     names = sorted(path.relative_to(fresh).as_posix() for path in fresh.rglob("*") if path.is_file())
-    names.sort(key=lambda name: name != "metrics.json")
+    names.sort(key=lambda name: not name.endswith("metrics.json"))
     compared, absent, differences = [], [], []
     for name in names:
         if not (saved / name).exists():
@@ -43,7 +43,7 @@ def compare_outputs(saved: Path, fresh: Path) -> tuple[list[str], list[str], lis
             continue
         compared.append(name)
         if name.endswith(".json"):
-            differences += _compare_metrics(saved / name, fresh / name)
+            differences += [f"{name}: {difference}" for difference in _compare_metrics(saved / name, fresh / name)]
         elif name.endswith(".csv"):
             differences += _compare_csv(saved / name, fresh / name, name)
         elif name.endswith(".npz"):

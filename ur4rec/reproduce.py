@@ -2,10 +2,11 @@
 
 Everything a stage writes after training is a function of its best checkpoint and the data:
 ``metrics.json``, ``valid_ranks.csv``, ``test_ranks.csv`` and, for Stages 2-3, ``internals/``
-(router weights, per-expert score contributions, attention maps). ``ur4rec evaluate`` writes
-them again into a scratch folder with the same code and compares file by file with
-:func:`compare_outputs`, so every number the run directory holds can be recomputed from what it
-saved. The training history (``log.jsonl``, ``valid_ranks_by_epoch.csv``,
+(router weights, per-expert score contributions, attention maps); the run's
+``baselines/pop/metrics.json`` is a function of the data. ``ur4rec evaluate`` writes them again
+into a scratch folder laid out like the run directory, with the same code, and compares file by
+file with :func:`compare_outputs`, so every number the run directory holds can be recomputed
+from what it saved. The training history (``log.jsonl``, ``valid_ranks_by_epoch.csv``,
 ``internals/gate.json``) records epochs whose weights are gone, so it is not recomputed.
 
 Tolerances: metrics relative 1e-6; CSV numbers (written rounded to 6 decimals) and attention

@@ -16,8 +16,8 @@ Also times one full-ranking evaluation of all users.
 The peer's speed is measured in the same run: RecBole 1.2.1's SASRec (CE) trains
 ``--recbole-epochs`` epochs on the same CPU (``benchmarks/peer_recbole.py``, in the environment
 ``bash benchmarks/setup_recbole_peer.sh`` builds; without it the figure quoted below is used and
-the output says so). Its accuracy is the one ``benchmarks/recbole_accuracy.py`` measured on this
-split when its output is there (``--recbole-accuracy``); otherwise it, and always pmixer's
+the output says so). Its accuracy is the mean of what ``benchmarks/recbole_accuracy.py`` measured
+on this split, over the seeds whose output is there (``--recbole-accuracy``); otherwise it, and always pmixer's
 SASRec.pytorch (not on PyPI), are the figures issue #2 quotes, measured on a 2-core AVX2 CPU
 (leave-one-out by time, same metrics): RecBole ~235 s/epoch, best at epoch 11 (~47 min), test
 HR@10 0.221 / NDCG@10 0.111; pmixer 1.3-4.5 s/epoch, test HR@10 0.187 / NDCG@10 0.099.
@@ -61,19 +61,25 @@ PEERS = {"RecBole SASRec (CE)": (235.0, 0.221, 0.111), "pmixer SASRec (BCE)": (4
 RECBOLE = "RecBole SASRec (CE)"
 
 
-def recbole_accuracy(folder: Path, fingerprint: str) -> tuple[float, float] | None:
+def recbole_accuracy(folders: list[Path], fingerprint: str) -> tuple[float, float, list[Path]] | None:
     """(test HR@10, NDCG@10) that ``benchmarks/recbole_accuracy.py`` measured for RecBole's SASRec
-    on the dataset with ``fingerprint``, or None when it has not been run on it."""
-    try:
-        data = json.loads((folder / "data.json").read_text())
-        test = json.loads((folder / "metrics.json").read_text())["test"]["full"]
-    except FileNotFoundError:
+    on the dataset with ``fingerprint``, averaged over the ``folders`` (one per RecBole seed) that
+    hold such a measurement, and those folders; None when there is none."""
+    measured = []
+    for folder in folders:
+        try:
+            data = json.loads((folder / "data.json").read_text())
+            test = json.loads((folder / "metrics.json").read_text())["test"]["full"]
+        except FileNotFoundError:
+            continue
+        if data["fingerprint"] != fingerprint:
+            print(f"{folder} was measured on another dataset (fingerprint {data['fingerprint']}); left out")
+            continue
+        measured.append((folder, test["hr@10"], test["ndcg@10"]))
+    if not measured:
         return None
-    if data["fingerprint"] != fingerprint:
-        print(f"{folder} was measured on another dataset (fingerprint {data['fingerprint']}); "
-              "RecBole's accuracy is the quoted figure")
-        return None
-    return test["hr@10"], test["ndcg@10"]
+    return (statistics.fmean(hr for _, hr, _ in measured), statistics.fmean(ndcg for _, _, ndcg in measured),
+            [folder for folder, _, _ in measured])
 
 
 def time_recbole(python: Path, epochs: int, threads: int) -> float | None:
@@ -142,9 +148,11 @@ def main() -> None:
                         help="epochs of RecBole's SASRec to time on this CPU in the same run (0: use the quoted figure)")
     parser.add_argument("--recbole-python", type=Path, default=ROOT / ".venv-recbole" / "bin" / "python",
                         help="the peer environment's Python (benchmarks/setup_recbole_peer.sh)")
-    parser.add_argument("--recbole-accuracy", type=Path, default=ROOT / "runs" / "benchmarks" / "recbole_accuracy",
-                        help="benchmarks/recbole_accuracy.py's output: RecBole's test accuracy on this split, "
-                             "used instead of the quoted figure when present")
+    parser.add_argument("--recbole-accuracy", type=Path, nargs="+",
+                        default=[ROOT / "runs" / "benchmarks" / "recbole_accuracy",
+                                 ROOT / "runs" / "benchmarks" / "recbole_accuracy_2021"],
+                        help="benchmarks/recbole_accuracy.py's outputs, one per RecBole seed: their mean test "
+                             "accuracy on this split is used instead of the quoted figure when present")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks" / "stage1_ml100k",
                         help="where the runs are kept, one run directory per setting and seed")
     args = parser.parse_args()
@@ -212,8 +220,8 @@ def main() -> None:
         if peer == RECBOLE and recbole_seconds is not None:
             peer_seconds, where = recbole_seconds, "measured in this run"
         if peer == RECBOLE and measured is not None:
-            peer_hr, peer_ndcg = measured
-            accuracy_from = f"accuracy on this split from {args.recbole_accuracy}"
+            peer_hr, peer_ndcg, folders = measured
+            accuracy_from = f"accuracy on this split, mean of {', '.join(str(folder) for folder in folders)}"
         print(f"  vs {peer}: {peer_seconds / seconds:.0f}x faster per epoch ({peer_seconds:.1f} s, {where}), "
               f"HR@10 {hr / peer_hr - 1:+.1%}, NDCG@10 {ndcg / peer_ndcg - 1:+.1%} ({accuracy_from})")
     print(f"\nruns kept in {args.out.resolve()} (SETTING_seedS/): `ur4rec evaluate --run-dir RUN --stage 1` "

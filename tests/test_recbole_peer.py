@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -86,9 +87,14 @@ def test_saved_scores_are_ranked_like_a_model(synthetic, smoke_config):
 def test_stage1_benchmark_reads_recbole_accuracy_of_the_same_data_only(tmp_path, capsys):
     from stage1_ml100k import recbole_accuracy
 
-    assert recbole_accuracy(tmp_path, "abc") is None  # not measured: the quoted figure is used
-    (tmp_path / "data.json").write_text('{"fingerprint": "abc"}')
-    (tmp_path / "metrics.json").write_text('{"test": {"full": {"hr@10": 0.2, "ndcg@10": 0.1}}}')
-    assert recbole_accuracy(tmp_path, "abc") == (0.2, 0.1)
-    assert recbole_accuracy(tmp_path, "xyz") is None
+    seeds = [tmp_path / "a", tmp_path / "b", tmp_path / "missing"]
+    assert recbole_accuracy(seeds, "abc") is None  # not measured: the quoted figure is used
+    for folder, fingerprint, hr, ndcg in ((seeds[0], "abc", 0.2, 0.1), (seeds[1], "abc", 0.3, 0.2)):
+        folder.mkdir()
+        (folder / "data.json").write_text(f'{{"fingerprint": "{fingerprint}"}}')
+        (folder / "metrics.json").write_text(f'{{"test": {{"full": {{"hr@10": {hr}, "ndcg@10": {ndcg}}}}}}}')
+    assert recbole_accuracy(seeds, "abc") == (pytest.approx(0.25), pytest.approx(0.15), seeds[:2])  # the seeds' mean
+    assert recbole_accuracy(seeds, "xyz") is None
     assert "another dataset" in capsys.readouterr().out
+    (seeds[1] / "data.json").write_text('{"fingerprint": "xyz"}')  # another dataset's run is left out of the mean
+    assert recbole_accuracy(seeds, "abc") == (0.2, 0.1, seeds[:1])

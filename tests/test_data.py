@@ -191,6 +191,17 @@ def test_shuffle_ties_with_a_gap_reorders_only_within_runs():
     assert "".join(shuffle_ties(sequence, None, rng, 2)) == "abcdefg"  # no timestamps: no reordering
 
 
+def test_training_windows_pass_the_tie_gap_to_the_shuffle(tmp_path):
+    # user 1: items 2..7 rated 30 s apart (no equal timestamps), then two held out much later
+    ratings = [(1, item, 3, 1000 + 30 * item) for item in range(2, 8)] + [(1, 8, 3, 9000), (1, 9, 3, 9900)]
+    write_raw_100k(tmp_path, ratings)
+    dataset = build_dataset(load_movielens("ml-100k", tmp_path))
+    rng = np.random.default_rng(0)
+    orders = {gap: {tuple(training_windows(dataset, 50, rng, gap)[1][0]) for _ in range(20)} for gap in (0, 60)}
+    assert len(orders[0]) == 1  # 30 s apart is not tied at gap 0
+    assert len(orders[60]) > 1  # ... and is at gap 60
+
+
 def test_every_train_interaction_is_a_target_once(synthetic):
     _, targets = training_windows(synthetic, max_len=10)
     expected = sum(len(synthetic.train_sequence(u)) - 1 for u in range(synthetic.n_users))

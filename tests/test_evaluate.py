@@ -7,7 +7,7 @@ import torch
 from ur4rec.config import EvalConfig
 from ur4rec.data.dataset import SequenceDataset
 from ur4rec.data.movielens import ItemMeta
-from ur4rec.evaluation import build_eval_inputs, evaluate, sample_negatives
+from ur4rec.evaluation import Popularity, build_eval_inputs, evaluate, sample_negatives
 from ur4rec.evaluation.evaluate import left_pad
 
 NO_NEGATIVES = np.zeros((1, 0), dtype=np.int64)
@@ -73,4 +73,6 @@ def test_left_pad_keeps_the_newest_items():
 
 
 def test_popularity_counts_train_parts_only():
-    assert tiny([[1, 2, 3, 4], [1, 3, 2, 4]], 4).train_item_counts().tolist() == [0, 2, 1, 1, 0]
+    dataset = tiny([[1, 2, 3, 4], [1, 3, 2, 4]], 4)  # train parts [1, 2] and [1, 3]; 3, 4 and 2, 4 held out
+    assert dataset.train_item_counts().tolist() == [0, 2, 1, 1, 0]
+    assert Popularity(dataset).scores.tolist() == [0, 2, 1, 1, 0]

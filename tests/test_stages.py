@@ -1,3 +1,5 @@
+import csv
+import dataclasses
 import json
 import shutil
 
@@ -116,6 +118,18 @@ def test_gradients_reach_every_trained_group_and_no_frozen_one(setup, stage):
             assert all(torch.isfinite(g).all() for g in grads if g is not None), name
         else:
             assert all(g is None for g in grads), f"frozen {name} got a gradient"
+
+
+def test_the_collaborative_similarity_is_built_from_the_train_parts_only(setup):
+    # other users' held-out items must not reach the co-occurrence counts: replace every user's
+    # validation and test item and the model's similarity buffers stay the same
+    config, dataset, features = setup
+    held_out = dataclasses.replace(dataset, sequences=[np.concatenate([s[:-2], (s[-2:] % dataset.n_items) + 1])
+                                                       for s in dataset.sequences], fingerprint="")
+    assert all((a[-2:] != b[-2:]).all() for a, b in zip(dataset.sequences, held_out.sequences))
+    a, b = (build_ur4rec(config, d, features).similarity for d in (dataset, held_out))
+    assert "collaborative" in a.sources
+    assert torch.equal(a.matrices, b.matrices) and torch.equal(a.member_scaled, b.member_scaled)
 
 
 def test_similarity_weights_are_fitted_to_the_validation_cross_entropy(setup):
@@ -355,6 +369,28 @@ def test_three_stages_write_the_run_directory(setup, three_stages):
     states = {stage: load_file(str(run / f"stage{stage}/model.safetensors")) for stage in (1, 2, 3)}
     assert all(torch.equal(states[1][k], states[2][k]) for k in states[1])
     assert torch.equal(states[1]["item_embedding.weight"], states[3]["item_embedding.weight"])
+
+
+def test_internals_top10_ranks_like_evaluation_when_the_target_was_seen(setup, tmp_path):
+    # a re-rated film: every user's test item is also in their train part. Full ranking keeps the
+    # target in play, so the internals' top-10 must list it at the rank test_ranks.csv gives it
+    config, dataset, features = setup
+    rerated = dataclasses.replace(dataset, sequences=[np.concatenate([s[:-1], s[:1]]) for s in dataset.sequences],
+                                  fingerprint="")
+    torch.manual_seed(0)
+    model = build_ur4rec(config, rerated, features).eval()
+    with torch.no_grad():
+        model.item_embedding.weight[1:].normal_(0, 0.3)
+    inputs = build_eval_inputs(rerated, "test", config.data.max_len,
+                               sample_negatives(rerated, config.eval.num_sampled_negatives, config.eval.sample_seed))
+    result = evaluate(model, inputs, config.eval)
+    stages.write_internals(tmp_path, model, rerated, inputs, result.rank_full, config)
+    with open(tmp_path / "router_weights.csv") as f:
+        rows = list(csv.DictReader(f))
+    top = {(r["user_id"], int(r["rank"])): r["item_id"] for r in rows if r["role"] == "top"}
+    targets = [r for r in rows if r["role"] == "target" and int(r["rank"]) <= 10]
+    assert targets  # some targets rank in the top 10
+    assert all(top[r["user_id"], int(r["rank"])] == r["item_id"] for r in targets)
 
 
 def test_stage3_refuses_without_stage2_and_records_a_skip(setup, three_stages, tmp_path):

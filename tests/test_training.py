@@ -37,10 +37,16 @@ def test_same_seed_same_metrics(smoke_config, synthetic, tmp_path):
 def test_stage1_reshuffles_ties_every_epoch_only_when_asked(smoke_config, synthetic, tmp_path, monkeypatch, shuffle):
     calls = []
     real = trainer.training_windows
-    monkeypatch.setattr(trainer, "training_windows", lambda *a, **k: calls.append(a[2:] or k) or real(*a, **k))
-    run_stage1(smoke_config.override(["train.epochs=3", "train.patience=99", f"train.shuffle_ties={shuffle}"]),
-               synthetic, tmp_path)
-    assert [bool(c) for c in calls] == ([True] * 3 if shuffle else [False])  # an rng each epoch, or none once
+
+    def windows(dataset, max_len, rng=None, tie_gap=0):
+        calls.append((isinstance(rng, np.random.Generator), tie_gap))
+        return real(dataset, max_len, rng, tie_gap)
+
+    monkeypatch.setattr(trainer, "training_windows", windows)
+    run_stage1(smoke_config.override(["train.epochs=3", "train.patience=99", f"train.shuffle_ties={shuffle}",
+                                      "train.tie_gap=7"]), synthetic, tmp_path)
+    # a generator and the configured gap each epoch, or the split's order built once
+    assert calls == ([(True, 7)] * 3 if shuffle else [(False, 0)])
 
 
 def test_negative_tie_gap_is_refused(smoke_config, synthetic, tmp_path):
@@ -180,16 +186,23 @@ def test_cli_train_and_evaluate_end_to_end(tmp_path, capsys):
     (run_dir / "baselines/pop/metrics.json").write_text(json.dumps(pop))
     assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "1"]) == 1
     assert "baselines/pop/metrics.json: valid/sampled/hr@5: saved" in capsys.readouterr().err
+    # with every output gone there is nothing to reproduce: that is not a pass
+    for name in ("test_ranks.csv", "valid_ranks.csv"):
+        (run_dir / "stage1" / name).unlink()
+    (run_dir / "baselines/pop/metrics.json").unlink()
+    assert main(["evaluate", "--run-dir", str(run_dir), "--stage", "1"]) == 1
+    assert "nothing was reproduced" in capsys.readouterr().err
 
 
-def test_only_real_targets_reach_the_loss_and_the_tie_gap_reaches_the_windows(smoke_config, synthetic, tmp_path,
-                                                                            monkeypatch):
-    seen, gaps = [], []
+def test_only_real_targets_reach_the_loss_with_the_configured_smoothing_and_tie_gap(smoke_config, synthetic,
+                                                                                     tmp_path, monkeypatch):
+    seen, gaps, smoothings = [], [], []
     real_loss, real_windows = trainer.recommendation_loss, trainer.training_windows
 
-    def loss(name, states, targets, *args, **kwargs):
+    def loss(name, states, targets, items, negatives=None, smoothing=0.0):
         seen.append(targets.clone())
-        return real_loss(name, states, targets, *args, **kwargs)
+        smoothings.append(smoothing)
+        return real_loss(name, states, targets, items, negatives, smoothing)
 
     def windows(dataset, max_len, rng=None, tie_gap=0):
         gaps.append(tie_gap)
@@ -197,7 +210,9 @@ def test_only_real_targets_reach_the_loss_and_the_tie_gap_reaches_the_windows(sm
 
     monkeypatch.setattr(trainer, "recommendation_loss", loss)
     monkeypatch.setattr(trainer, "training_windows", windows)
-    run_stage1(smoke_config.override(["train.epochs=1", "train.tie_gap=60"]), synthetic, tmp_path)
+    run_stage1(smoke_config.override(["train.epochs=1", "train.tie_gap=60", "train.label_smoothing=0.15"]),
+               synthetic, tmp_path)
+    assert set(smoothings) == {0.15}
     targets = torch.cat(seen)
     assert (targets > 0).all()
     assert len(targets) == sum(len(synthetic.train_sequence(u)) - 1 for u in range(synthetic.n_users))

@@ -227,8 +227,11 @@ def command_evaluate(args) -> int:
     if differences:
         print(f"{args.run_dir} differs from what its checkpoint gives:\n  " + "\n  ".join(differences), file=sys.stderr)
         return 1
-    if compared:
-        print(f"reproduced {args.run_dir}: every metric matches, and every value in {', '.join(compared)}")
+    if not compared:  # nothing saved to check against: the table above is unverified
+        print(f"{args.run_dir} keeps none of the files a stage writes after training, so nothing was reproduced "
+              f"(a run stopped before its final evaluation? `ur4rec train` it again)", file=sys.stderr)
+        return 1
+    print(f"reproduced {args.run_dir}: every metric matches, and every value in {', '.join(compared)}")
     return 0
 
 

@@ -671,9 +671,10 @@ def write_internals(folder: Path, model: UR4Rec, dataset: SequenceDataset, input
         batch = slice(start, start + config.eval.batch_size)
         users, histories = inputs.users[batch].to(device), inputs.input_ids[batch].to(device)
         scores = model.score_all(users, histories).float()  # (B, n_items + 1)
-        excluded = excluded_items(inputs, batch, scores.size(1), config.eval.exclude_seen).to(device)  # as in evaluation
+        targets = inputs.targets[batch].to(device)
+        excluded = excluded_items(inputs, batch, scores.size(1), config.eval.exclude_seen, targets)  # as in evaluation
         best = scores.masked_fill(excluded, float("-inf")).topk(k, dim=1).indices  # (B, k)
-        candidates = torch.cat([inputs.targets[batch].to(device)[:, None], best], 1)  # (B, 1 + k) target first
+        candidates = torch.cat([targets[:, None], best], 1)  # (B, 1 + k) target first
         all_candidates.append(candidates)
         out = model(users, histories, candidates, details=True)
         weights = out.router_weights.float().cpu().numpy()  # (B, 1 + k, E)

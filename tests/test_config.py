@@ -4,11 +4,11 @@ from ur4rec.config import Config, ConfigError, describe
 
 
 def test_yaml_round_trip(tmp_path):
-    config = Config().override(["model.dropout=0.35", "train.epochs=7", "eval.ks=[1, 5]", "data.path=/x"])
+    config = Config().override(["model.dropout=0.35", "train.epochs=7", "eval.ks=[1, 10]", "data.path=/x"])
     config.save(tmp_path / "c.yaml")
     again = Config.load(tmp_path / "c.yaml")
     assert again == config
-    assert again.model.dropout == 0.35 and again.eval.ks == [1, 5] and again.data.path == "/x"
+    assert again.model.dropout == 0.35 and again.eval.ks == [1, 10] and again.data.path == "/x"
 
 
 def test_unknown_key_is_an_error_naming_it(tmp_path):
@@ -55,9 +55,38 @@ def test_overrides_are_type_checked_and_name_what_is_wrong():
     for override, message in (("train.epochs=true", "train: epochs: expected an integer"),
                               ("model.dropout=true", "model: dropout: expected a number"),
                               ("eval.ks=[5, x]", "eval: ks: expected an integer"),
-                              ("text.backend=3", "text: backend: expected a string"),
                               ("trian.epochs=3", "unknown key 'trian'"),
-                              ("train=3", "section.key=value")):
+                              ("train=3", "section.key=value"),
+                              ("eval.ks=[5,10", "override 'eval.ks=\\[5,10': the value is not valid YAML"),
+                              ("data.path=%x", "override 'data.path=%x': the value is not valid YAML")):
         with pytest.raises(ConfigError, match=message):
             Config().override([override])
+    with pytest.raises(ConfigError, match="text: backend: expected a string"):
+        Config.from_dict({"text": {"backend": 3}})
+    # a text field keeps what was typed; a number may be written in exponent form
+    config = Config().override(["data.path=2024", "text.folder=yes", "train.learning_rate=1e-3"])
+    assert (config.data.path, config.text.folder, config.train.learning_rate) == ("2024", "yes", 0.001)
+    assert Config.from_dict({"train": {"learning_rate": "1e-3"}}).train.learning_rate == 0.001
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=0", "train.epochs must be 1 or more, got 0"),
+    ("train.batch_size=-5", "train.batch_size must be 1 or more"),
+    ("train.eval_every=0", "train.eval_every must be 1 or more"),
+    ("train.patience=0", "train.patience must be 1 or more"),
+    ("data.max_len=0", "data.max_len must be 1 or more"),
+    ("model.hidden_size=0", "model.hidden_size must be 1 or more"),
+    ("eval.batch_size=0", "eval.batch_size must be 1 or more"),
+    ("eval.num_sampled_negatives=-5", "eval.num_sampled_negatives must be 1 or more"),
+    ("model.num_heads=3", "model.num_heads \\(3\\) must divide model.hidden_size \\(64\\)"),
+    ("model.dropout=1.5", "model.dropout must be in \\[0, 1\\)"),
+    ("train.learning_rate=.inf", "train.learning_rate must be a positive number"),
+    ("eval.select_metric=foo", "eval.select_metric 'foo' is not computed"),
+    ("eval.ks=[5]", "eval.select_metric 'ndcg@10' is not computed"),
+    ("eval.ks=[0]", "eval.ks must be one or more cut-offs of 1 or more"),
+    ("data.path=", "data.path is empty"),
+])
+def test_values_the_code_cannot_use_are_refused_by_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        Config().override(["train.loss=ce", override])
 

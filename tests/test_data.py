@@ -256,3 +256,39 @@ def test_atomic_item_file_with_a_trailing_blank_line(tmp_path):
         "item_id:token\tmovie_title:token_seq\tclass:token_seq\n1\tA (1990)\tDrama\n2\tB\tComedy\n3\tC\tDrama\n\n")
     dataset = load_dataset(DataConfig(path=str(tmp_path)))
     assert [meta.title for meta in dataset.item_meta[1:]] == ["A", "B", "C"] and dataset.item_meta[1].year == 1990
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_id(tmp_path):
+    write_raw_100k(tmp_path / "plain", RATINGS)
+    write_raw_100k(tmp_path / "bom", RATINGS)
+    for name in ("u.data", "u.item"):
+        path = tmp_path / "bom" / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    plain, bom = (build_dataset(load_movielens("ml-100k", tmp_path / d)) for d in ("plain", "bom"))
+    assert bom.fingerprint == plain.fingerprint
+    assert [m.title for m in bom.item_meta] == [m.title for m in plain.item_meta]
+
+
+@pytest.mark.parametrize("stamp", ["inf", "nan", "1e30"])
+def test_a_timestamp_beyond_64_bits_names_file_and_line(tmp_path, stamp):
+    write_raw_100k(tmp_path, RATINGS)
+    with open(tmp_path / "u.data", "a") as handle:
+        handle.write(f"4\t2\t3\t{stamp}\n")
+    with pytest.raises(DataFormatError, match=rf"u\.data, line 10: timestamp '{stamp}' is not a 64-bit integer"):
+        load_movielens("ml-100k", tmp_path)
+
+
+def test_atomic_folders_with_several_inter_files_and_an_item_file_without_ids(tmp_path):
+    inter = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
+        f"{u}\t{i}\t3\t{i}\n" for u in (1, 2) for i in (1, 2, 3))
+    (tmp_path / "ml-100k.inter").write_text(inter)
+    (tmp_path / "aaa.inter").write_text(inter.splitlines()[0] + "\n")  # sorts first, and holds nothing
+    assert load_dataset(DataConfig(path=str(tmp_path))).n_interactions == 6  # the dataset's own name wins
+    (tmp_path / "ml-100k.inter").rename(tmp_path / "bbb.inter")
+    with pytest.raises(DataFormatError, match=r"2 RecBole \.inter files \(aaa\.inter, bbb\.inter\) and none is "
+                                              r"ml-100k\.inter"):
+        load_dataset(DataConfig(path=str(tmp_path)))
+    (tmp_path / "aaa.inter").unlink()
+    (tmp_path / "bbb.item").write_text("iid:token\ttitle:token_seq\n1\tA\n")
+    with pytest.raises(DataFormatError, match=r"bbb\.item, line 1: no item_id column"):
+        load_dataset(DataConfig(path=str(tmp_path)))

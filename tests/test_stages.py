@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from tiny_run import replace_weights
 
 from ur4rec.evaluation import build_eval_inputs, evaluate, sample_negatives
 from ur4rec.models.losses import combine_losses
@@ -217,7 +218,7 @@ def test_stage1_groups_load_and_a_missing_group_is_an_error(setup, tmp_path):
     state = load_file(str(weights))
     del state["item_embedding.weight"]
     state["backbone.extra.weight"] = torch.zeros(2)
-    save_file(state, str(weights))
+    replace_weights(tmp_path / "stage1", state)
     fresh = build_ur4rec(config, dataset, features)
     before = fresh.backbone.final_norm.bias.clone()
     with pytest.raises(StageLoadError, match=r"\['item_embedding', 'backbone'\].*missing \['item_embedding.weight'\]"
@@ -232,7 +233,7 @@ def test_a_reshaped_key_is_a_load_error_and_nothing_loads(setup, tmp_path):
     weights = tmp_path / "stage1" / "model.safetensors"
     state = load_file(str(weights))
     state["backbone.final_norm.weight"] = torch.ones(1)  # broadcastable, so a plain copy_ would take it
-    save_file(state, str(weights))
+    replace_weights(tmp_path / "stage1", state)
     model = build_ur4rec(config, dataset, features)
     before = model.item_embedding.weight.clone()
     with pytest.raises(StageLoadError, match=r"shape mismatch \['backbone.final_norm.weight'\]"):

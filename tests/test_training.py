@@ -96,18 +96,48 @@ def test_checkpoint_round_trip_and_best_epoch_kept(smoke_config, synthetic, tmp_
 
 def test_checkpoint_with_a_missing_or_unexpected_key_is_refused(smoke_config, synthetic, tmp_path):
     run_stage1(smoke_config.override(["train.epochs=1"]), synthetic, tmp_path)
-    from safetensors.torch import save_file
+    from tiny_run import replace_weights
 
-    weights = tmp_path / "stage1" / "model.safetensors"
-    state = load_file(str(weights))
-    save_file({k: v for k, v in state.items() if k != "item_embedding.weight"}, str(weights))
+    stage = tmp_path / "stage1"
+    state = load_file(str(stage / "model.safetensors"))
+    replace_weights(stage, {k: v for k, v in state.items() if k != "item_embedding.weight"})
     with pytest.raises(CheckpointError, match="missing keys \\['item_embedding.weight'\\]"):
-        load_model(tmp_path / "stage1")
-    save_file({**state, "extra.weight": torch.zeros(1)}, str(weights))
+        load_model(stage)
+    replace_weights(stage, {**state, "extra.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="unexpected keys \\['extra.weight'\\]"):
-        load_model(tmp_path / "stage1")
+        load_model(stage)
+    replace_weights(stage, {**state, "backbone.blocks.0.attention.proj.bias": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match=r"shapes unlike .* \[.backbone.blocks.0.attention.proj.bias.\]"):
+        load_model(stage)
     with pytest.raises(CheckpointError, match="trained on data"):
         load_model(tmp_path / "stage1", fingerprint="another")
+
+
+def test_weights_that_are_not_the_checkpoints_own_are_refused(smoke_config, synthetic, tmp_path):
+    run_stage1(smoke_config.override(["train.epochs=2", "train.patience=99"]), synthetic, tmp_path)
+    stage = tmp_path / "stage1"
+    weights = stage / "model.safetensors"
+    good = weights.read_bytes()
+    # another epoch's weights under this epoch's checkpoint.json (a crash between the two renames)
+    state = load_file(str(weights))
+    state["item_embedding.weight"] = state["item_embedding.weight"] + 1
+    from safetensors.torch import save_file
+
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        load_model(stage)
+    weights.write_bytes(good[:100])  # truncated
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        load_model(stage)
+    info = json.loads((stage / "checkpoint.json").read_text())
+    del info["weights_sha256"]  # a checkpoint from before the hash was kept: the file itself is checked
+    (stage / "checkpoint.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        load_model(stage)
+    for text, problem in (("{", "not valid JSON"), ("[]", "expected a checkpoint description, got a JSON list"), ('{"stage": 1}', "missing field")):
+        (stage / "checkpoint.json").write_text(text)
+        with pytest.raises(CheckpointError, match=f"checkpoint.json: {problem}"):
+            load_model(stage)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_config, synthetic, tmp_path, monkeypatch):

@@ -32,3 +32,19 @@ def random_features(dataset, seed=0):
     features.item_text[0] = 0
     features.item_image[0] = 0
     return features
+
+
+def replace_weights(stage_dir, state):
+    """Overwrite ``stage_dir/model.safetensors`` with ``state`` and record its hash in checkpoint.json,
+    as a consistent (if altered) checkpoint: for tests of what loading checks beyond the hash."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    weights, info_path = Path(stage_dir) / "model.safetensors", Path(stage_dir) / "checkpoint.json"
+    save_file(state, str(weights))
+    info = json.loads(info_path.read_text())
+    info["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    info_path.write_text(json.dumps(info))

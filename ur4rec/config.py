@@ -208,7 +208,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None, source: str = "config") -> Config:
-        return _build(cls, raw or {}, source)
+        config = _build(cls, raw or {}, source)
+        _check_values(config, source)
+        return config
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
@@ -216,9 +218,13 @@ class Config:
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: not UTF-8 text ({error})") from error
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a folder, not a config file") from None
         return cls.from_dict(raw, source=str(path))
 
     def override(self, assignments: list[str]) -> Config:
@@ -229,7 +235,14 @@ class Config:
             if not sep or "." not in key:
                 raise ConfigError(f"override {assignment!r}: expected section.key=value")
             section, name = key.split(".", 1)
-            raw.setdefault(section, {})[name] = yaml.safe_load(value)
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as error:
+                raise ConfigError(f"override {assignment!r}: the value is not valid YAML "
+                                  f"({str(error).splitlines()[0]})") from error
+            if _is_text_field(section, name) and (not value.strip() or (parsed is not None and not isinstance(parsed, str))):
+                parsed = value  # a text field keeps what was typed: data.path=2024 is the folder "2024"
+            raw.setdefault(section, {})[name] = parsed
         return Config.from_dict(raw, source="overrides")
 
 
@@ -287,6 +300,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -296,3 +314,55 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return value
     return value
 
+
+
+def _is_text_field(section: str, name: str) -> bool:
+    section_type = typing.get_type_hints(Config).get(section)
+    if not dataclasses.is_dataclass(section_type):
+        return False
+    hint = typing.get_type_hints(section_type).get(name)
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint))
+
+
+# (field, smallest allowed value): counts and sizes that make no sense below it
+_MINIMA = {
+    "data.min_interactions": 3, "data.max_len": 1, "model.hidden_size": 1, "model.num_layers": 1,
+    "model.num_heads": 1, "model.inner_size_factor": 1, "train.epochs": 1, "train.batch_size": 1,
+    "train.warmup_epochs": 0, "train.weight_decay": 0, "train.tie_gap": 0, "train.grad_clip": 0,
+    "train.patience": 1, "train.eval_every": 1, "train.threads": 0, "eval.num_sampled_negatives": 1,
+    "eval.batch_size": 1, "moe.stage_epochs": 0, "moe.semantic_heads": 1, "moe.similarity_window": 1,
+    "moe.eval_chunk_size": 1, "features.batch_size": 1,
+}
+
+
+def _check_values(config: Config, where: str) -> None:
+    """Values each field's type allows but the code cannot use: a ConfigError naming the field."""
+    values = config.to_dict()
+    for key, least in _MINIMA.items():
+        section, name = key.split(".")
+        value = values[section].get(name)
+        if value is not None and value < least:
+            raise ConfigError(f"{where}: {key} must be {least} or more, got {value}")
+    if not 0.0 <= config.model.dropout < 1.0:
+        raise ConfigError(f"{where}: model.dropout must be in [0, 1), got {config.model.dropout}")
+    if not 0.0 <= config.train.label_smoothing < 1.0:
+        raise ConfigError(f"{where}: train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}")
+    if not config.train.learning_rate > 0 or config.train.learning_rate == float("inf"):
+        raise ConfigError(f"{where}: train.learning_rate must be a positive number, got {config.train.learning_rate}")
+    if config.train.loss != "ce" and config.train.num_negatives < 1:
+        raise ConfigError(f"{where}: train.num_negatives must be 1 or more for loss {config.train.loss}, "
+                          f"got {config.train.num_negatives}")
+    for heads, name in ((config.model.num_heads, "model.num_heads"), (config.moe.semantic_heads, "moe.semantic_heads")):
+        if config.model.hidden_size % heads:
+            raise ConfigError(f"{where}: {name} ({heads}) must divide model.hidden_size ({config.model.hidden_size})")
+    if not config.eval.ks or min(config.eval.ks) < 1:
+        raise ConfigError(f"{where}: eval.ks must be one or more cut-offs of 1 or more, got {config.eval.ks}")
+    metrics = {"mrr", *(f"{name}@{k}" for k in config.eval.ks for name in ("hr", "ndcg"))}
+    if config.eval.select_metric not in metrics:
+        raise ConfigError(f"{where}: eval.select_metric {config.eval.select_metric!r} is not computed; "
+                          f"expected mrr, or hr@k / ndcg@k with k in eval.ks {config.eval.ks}")
+    for key in ("data.path", "text.folder", "text.local_model", "features.image_folder", "features.image_pretrained"):
+        section, name = key.split(".")
+        value = values[section][name]
+        if value is not None and not value.strip():  # e.g. --set data.path=$UNSET: not the current folder
+            raise ConfigError(f"{where}: {key} is empty; give a path, or null for the default")

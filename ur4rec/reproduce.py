@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ur4rec.rundir import RunDirError, read_json
+
 SHOWN = 5  # differences listed per file; the rest are counted
 CSV_TOLERANCE = 1e-5
 
@@ -56,7 +58,11 @@ def compare_outputs(saved: Path, fresh: Path) -> tuple[list[str], list[str], lis
 
 def _compare_metrics(saved_path: Path, fresh_path: Path) -> list[str]:
     """Nested {split: {protocol: {metric: value}}}; a figure missing from the saved file counts."""
-    saved, fresh = json.loads(saved_path.read_text()), json.loads(fresh_path.read_text())
+    try:
+        saved = read_json(saved_path, "metrics")
+    except RunDirError as error:
+        return [str(error)]
+    fresh = json.loads(fresh_path.read_text())
     differences = []
     for split in fresh:
         for protocol in fresh[split]:

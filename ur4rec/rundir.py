@@ -41,7 +41,7 @@ def prepare_run(run_dir: Path, config: Config, dataset: SequenceDataset) -> Path
     run_dir = Path(run_dir)
     data_file = run_dir / "data.json"
     if data_file.exists():
-        previous = json.loads(data_file.read_text()).get("fingerprint")
+        previous = read_json(data_file, "the run's dataset summary").get("fingerprint")
         if previous != dataset.fingerprint:
             raise RunDirError(
                 f"{run_dir} holds a run on data {previous}, not {dataset.fingerprint}; "
@@ -51,6 +51,18 @@ def prepare_run(run_dir: Path, config: Config, dataset: SequenceDataset) -> Path
     config.save(run_dir / "config.yaml")
     write_json(data_file, dataset.summary())
     return run_dir
+
+
+def read_json(path: Path, what: str = "a JSON object", error: type[Exception] = RunDirError) -> dict:
+    """``path`` parsed as a JSON object; anything else raises ``error`` naming the file."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        raise error(f"{path}: not valid JSON ({problem})") from problem
+    if not isinstance(payload, dict):
+        raise error(f"{path}: expected {what}, got a JSON {type(payload).__name__}")
+    return payload
 
 
 def write_json(path: Path, payload: dict) -> None:

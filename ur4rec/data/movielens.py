@@ -136,6 +136,11 @@ def read_folder(name: str, folder: Path) -> RawInteractions:
     if (folder / "ratings.dat").exists():
         return _read_raw_1m(name, folder)
     inter = sorted(folder.glob("*.inter"))
+    if len(inter) > 1 and (folder / f"{name}.inter") in inter:
+        inter = [folder / f"{name}.inter"]
+    if len(inter) > 1:
+        raise DataFormatError(f"{folder} holds {len(inter)} RecBole .inter files ({', '.join(p.name for p in inter)}) "
+                              f"and none is {name}.inter; keep one, or name the one to read {name}.inter")
     if inter:
         return _read_atomic(name, inter[0])
     raise DatasetNotFoundError(
@@ -144,10 +149,20 @@ def read_folder(name: str, folder: Path) -> RawInteractions:
     )
 
 
+_BOM = "\ufeff".encode().decode("latin-1")  # a UTF-8 byte-order mark as the Latin-1 reader sees it
+
+
+def _numbered_lines(handle, start: int = 1):
+    """(line number, line) of an open file, without a byte-order mark on line 1 (editors on
+    Windows add one; it would otherwise become part of the first user's or item's id)."""
+    for line_number, line in enumerate(handle, start=start):
+        yield line_number, line.removeprefix(_BOM) if line_number == 1 else line
+
+
 def _parse_interactions(path: Path, separator: str | None, skip_header: bool) -> tuple:
     users, items, stamps = [], [], []
     with open(path, encoding="latin-1") as handle:
-        for line_number, line in enumerate(handle, start=1):
+        for line_number, line in _numbered_lines(handle):
             if skip_header and line_number == 1:
                 continue
             if not line.strip():
@@ -156,8 +171,11 @@ def _parse_interactions(path: Path, separator: str | None, skip_header: bool) ->
             try:
                 if len(parts) < 4:
                     raise ValueError(f"expected 4 fields (user, item, rating, timestamp), got {len(parts)}")
-                user, item, timestamp = parts[0].strip(), parts[1].strip(), int(float(parts[3]))
+                user, item, timestamp = parts[0].strip(), parts[1].strip(), float(parts[3])
                 float(parts[2])
+                if not -2**63 <= timestamp < 2**63:  # also inf and nan
+                    raise ValueError(f"timestamp {parts[3].strip()!r} is not a 64-bit integer")
+                timestamp = int(timestamp)
                 if not user or not item:
                     raise ValueError("empty user or item id")
             except ValueError as error:
@@ -187,7 +205,7 @@ def _read_raw_100k(name: str, folder: Path) -> RawInteractions:
     item_file = folder / "u.item"
     if item_file.exists():
         with open(item_file, encoding="latin-1") as handle:
-            for line_number, line in enumerate(handle, start=1):
+            for line_number, line in _numbered_lines(handle):
                 if not line.strip():
                     continue
                 parts = line.rstrip("\r\n").split("|")
@@ -209,7 +227,7 @@ def _read_raw_1m(name: str, folder: Path) -> RawInteractions:
     movie_file = folder / "movies.dat"
     if movie_file.exists():
         with open(movie_file, encoding="latin-1") as handle:
-            for line_number, line in enumerate(handle, start=1):
+            for line_number, line in _numbered_lines(handle):
                 if not line.strip():
                     continue
                 parts = line.rstrip("\r\n").split("::")
@@ -224,7 +242,7 @@ def _read_raw_1m(name: str, folder: Path) -> RawInteractions:
 
 def _read_atomic(name: str, inter_file: Path) -> RawInteractions:
     with open(inter_file, encoding="latin-1") as handle:
-        header = handle.readline().rstrip("\r\n").split("\t")
+        header = handle.readline().removeprefix(_BOM).rstrip("\r\n").split("\t")
     columns = [h.split(":")[0] for h in header]
     expected = ["user_id", "item_id", "rating", "timestamp"]
     if columns[:4] != expected:
@@ -234,8 +252,10 @@ def _read_atomic(name: str, inter_file: Path) -> RawInteractions:
     item_file = inter_file.with_suffix(".item")
     if item_file.exists():
         with open(item_file, encoding="latin-1") as handle:
-            head = [h.split(":")[0] for h in handle.readline().rstrip("\r\n").split("\t")]
-            for line_number, line in enumerate(handle, start=2):
+            head = [h.split(":")[0] for h in handle.readline().removeprefix(_BOM).rstrip("\r\n").split("\t")]
+            if "item_id" not in head:
+                raise DataFormatError(f"{item_file}, line 1: no item_id column in the header {head}")
+            for line_number, line in _numbered_lines(handle, start=2):
                 if not line.strip():  # blank lines are skipped, as in the other readers
                     continue
                 parts = line.rstrip("\r\n").split("\t")

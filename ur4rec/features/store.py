@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ur4rec.data.movielens import cache_dir
-from ur4rec.rundir import write_json
+from ur4rec.rundir import read_json, write_json
 
 MANIFEST = "manifest.json"
 
@@ -47,7 +47,7 @@ def store_folder(fingerprint: str, kind: str, label: str, inputs_hash: str) -> P
 
 def read_manifest(folder: Path) -> dict | None:
     path = Path(folder) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path, "a feature-set manifest", FeaturesNotFoundError) if path.exists() else None
 
 
 def save_set(folder: Path, arrays: dict[str, np.ndarray], manifest: dict) -> None:
@@ -81,13 +81,13 @@ def read_run_manifest(run_dir: Path) -> dict:
             f"{path} does not exist: no features were built for this run; run "
             f"`ur4rec features text --run-dir {run_dir}` (and `features image` for images) first"
         )
-    return json.loads(path.read_text())
+    return read_json(path, "a features manifest", FeaturesNotFoundError)
 
 
 def update_run_manifest(run_dir: Path, fingerprint: str, kind: str, entry: dict | None) -> None:
     """Record (or, with None, clear) the set a run uses for one modality."""
     path = run_manifest_path(run_dir)
-    manifest = json.loads(path.read_text()) if path.exists() else {}
+    manifest = read_json(path, "a features manifest", FeaturesNotFoundError) if path.exists() else {}
     if manifest.get("fingerprint") not in (None, fingerprint):
         manifest = {}  # features of another dataset: nothing in them applies any more
     manifest["fingerprint"] = fingerprint

@@ -9,18 +9,19 @@ strictly: a missing or unexpected key is an error.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import platform
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import ur4rec
 from ur4rec.config import Config
 from ur4rec.models.sasrec import SASRec
-from ur4rec.rundir import write_json
+from ur4rec.rundir import read_json, write_json
 
 
 class CheckpointError(RuntimeError):
@@ -37,21 +38,50 @@ def versions() -> dict[str, str]:
 
 
 def save_checkpoint(stage_dir: Path, model: torch.nn.Module, info: dict) -> None:
-    """Write weights then JSON, each through a temporary file, so a crash never leaves half."""
+    """Write weights then JSON, each through a temporary file and a rename. The JSON records the
+    weights' sha256, so a crash between the two renames (new weights, old JSON) is caught on load."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     temporary = stage_dir / "model.safetensors.tmp"
     save_file(state, str(temporary))
+    digest = _sha256(temporary)
     temporary.replace(stage_dir / "model.safetensors")
-    payload = {**info, "versions": versions()}
+    payload = {**info, "weights_sha256": digest, "versions": versions()}
     write_json(stage_dir / "checkpoint.json", payload)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def read_checkpoint_info(stage_dir: Path) -> dict:
     path = Path(stage_dir) / "checkpoint.json"
     if not path.exists():
         raise CheckpointError(f"no checkpoint in {stage_dir}: {path.name} is missing (was the stage trained?)")
-    return json.loads(path.read_text())
+    info = read_json(path, "a checkpoint description", CheckpointError)
+    missing = [key for key in ("stage", "config", "n_items", "data_fingerprint") if key not in info]
+    if missing:
+        raise CheckpointError(f"{path}: missing field(s) {', '.join(missing)}")
+    if not isinstance(info["config"], dict):
+        raise CheckpointError(f"{path}: field config is not a mapping")
+    return info
+
+
+def read_weights(stage_dir: Path, info: dict | None = None) -> dict[str, torch.Tensor]:
+    """``stage_dir/model.safetensors`` as a state_dict. With ``info`` (its checkpoint.json), the file
+    must be the one that JSON was written with (checkpoints made before the hash was kept are not checked)."""
+    path = Path(stage_dir) / "model.safetensors"
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing")
+    expected = (info or {}).get("weights_sha256")
+    if expected is not None and _sha256(path) != expected:
+        raise CheckpointError(f"{path} is not the file {path.parent / 'checkpoint.json'} was written with "
+                              "(its sha256 differs): the run was interrupted while saving, or a file was replaced")
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
 
 
 def build_model(config: Config, n_items: int) -> SASRec:
@@ -66,21 +96,20 @@ def load_model(stage_dir: Path, fingerprint: str | None = None) -> tuple[SASRec,
         raise CheckpointError(
             f"{stage_dir} was trained on data {info.get('data_fingerprint')}, not on {fingerprint}"
         )
-    weights = stage_dir / "model.safetensors"
-    if not weights.exists():
-        raise CheckpointError(f"{weights} is missing")
+    state = read_weights(stage_dir, info)
     config = Config.from_dict(info["config"], source=str(stage_dir / "checkpoint.json"))
     model = build_model(config, info["n_items"])
-    missing, unexpected = _strict_keys(model, load_file(str(weights)))
-    if missing or unexpected:
-        raise CheckpointError(f"{weights}: missing keys {missing}, unexpected keys {unexpected}")
+    load_strictly(model, state, stage_dir / "model.safetensors")
     return model, info
 
 
-def _strict_keys(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    if not missing and not unexpected:
-        model.load_state_dict(state, strict=True)
-    return missing, unexpected
+def load_strictly(model: torch.nn.Module, state: dict, path: Path) -> None:
+    """Every key and shape of ``model`` from ``state``, or a :class:`CheckpointError` naming what differs."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(key for key in set(expected) & set(state) if expected[key].shape != state[key].shape)
+    if missing or unexpected or reshaped:
+        raise CheckpointError(f"{path}: missing keys {missing}, unexpected keys {unexpected}, "
+                              f"shapes unlike checkpoint.json's model {reshaped}")
+    model.load_state_dict(state, strict=True)

@@ -42,7 +42,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ur4rec.config import Config
@@ -61,7 +60,13 @@ from ur4rec.models.memory import UserMemory, build_memory, combined_item_feature
 from ur4rec.models.scoring import score
 from ur4rec.models.ur4rec_model import EXPERTS, UR4Rec
 from ur4rec.rundir import EpochRanks, append_log, stage_dir, write_json, write_ranks
-from ur4rec.training.checkpoint import CheckpointError, read_checkpoint_info, save_checkpoint
+from ur4rec.training.checkpoint import (
+    CheckpointError,
+    load_strictly,
+    read_checkpoint_info,
+    read_weights,
+    save_checkpoint,
+)
 from ur4rec.training.trainer import (
     NonFiniteLossError,
     StageResult,
@@ -163,9 +168,10 @@ def load_stage_weights(model: UR4Rec, previous_stage_dir: Path, spec: StageSpec)
     required group does not load completely (nothing is loaded then).
     """
     path = Path(previous_stage_dir) / "model.safetensors"
-    if not path.exists():
-        raise StageLoadError(f"{spec.name}: {path} is missing")
-    saved = load_file(str(path))
+    try:
+        saved = read_weights(previous_stage_dir, read_checkpoint_info(previous_stage_dir))
+    except CheckpointError as error:
+        raise StageLoadError(f"{spec.name}: {error}") from error
     state = model.state_dict()
     groups = model.parameter_groups()
     required = [group for group in spec.load if group in groups]
@@ -263,14 +269,7 @@ def load_stage_model(stage_directory: Path, features, dataset: SequenceDataset) 
         raise CheckpointError(f"{stage_directory}: n_items/n_users differ from the dataset")
     config = Config.from_dict(info["config"], source=str(stage_directory / "checkpoint.json"))
     model = build_ur4rec(config, dataset, features)
-    weights = stage_directory / "model.safetensors"
-    if not weights.exists():
-        raise CheckpointError(f"{weights} is missing")
-    state = load_file(str(weights))
-    missing, unexpected = sorted(set(model.state_dict()) - set(state)), sorted(set(state) - set(model.state_dict()))
-    if missing or unexpected:
-        raise CheckpointError(f"{weights}: missing keys {missing}, unexpected keys {unexpected}")
-    model.load_state_dict(state, strict=True)
+    load_strictly(model, read_weights(stage_directory, info), stage_directory / "model.safetensors")
     return model, info
 
 

@@ -143,7 +143,8 @@ def main() -> None:
                                                       "their mean validation NDCG@10")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="applied to every setting, e.g. train.precision=fp32 (repeatable)")
+                        help="applied to every setting, after the setting's own values, e.g. "
+                             "train.precision=fp32 (repeatable)")
     parser.add_argument("--recbole-epochs", type=int, default=2,
                         help="epochs of RecBole's SASRec to time on this CPU in the same run (0: use the quoted figure)")
     parser.add_argument("--recbole-python", type=Path, default=ROOT / ".venv-recbole" / "bin" / "python",
@@ -174,7 +175,7 @@ def main() -> None:
         results, eval_times = [], []
         other_half[name] = []
         for seed in seeds:
-            config = base.override([*SETTINGS[name], f"train.seed={seed}"])
+            config = base.override([*SETTINGS[name], *args.overrides, f"train.seed={seed}"])  # --set wins
             run_dir = args.out / f"{name}_seed{seed}"
             prepare_run(run_dir, config, dataset)
             result = train_stage1(config, dataset, run_dir)
@@ -193,7 +194,7 @@ def main() -> None:
                   f"valid ndcg@10 {result.metrics['valid']['full']['ndcg@10']:.4f} (valid-oh "
                   f"{other_half[name][-1].mean():.4f})  "
                   f"test hr@10 {test['full']['hr@10']:.4f} ndcg@10 {test['full']['ndcg@10']:.4f}  "
-                  f"eval(all users) {eval_times[-1]:.3f} s  peak RSS {peak_rss_mib():.0f} MiB", flush=True)
+                  f"eval(all users) {eval_times[-1]:.3f} s  process peak RSS so far {peak_rss_mib():.0f} MiB", flush=True)
         rows.append((name, results, eval_times))
 
     print(f"\nmeans over seeds {seeds}")

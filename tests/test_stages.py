@@ -422,6 +422,23 @@ def test_non_finite_loss_stops_and_names_the_term(setup, three_stages, tmp_path,
         train_stage(config, dataset, features, tmp_path, 2)
 
 
+def test_a_rerun_that_fails_loses_no_finished_stage(setup, three_stages, tmp_path, monkeypatch):
+    # retraining Stage 2 in a finished run, stopped by a non-finite loss: the finished Stage 2 and
+    # the Stage 3 built on it are kept whole as stageN.prev; the new stage2/ has its last good checkpoint
+    config, dataset, features = setup
+    run = tmp_path / "run"
+    shutil.copytree(three_stages[0], run)
+    before = {n: {f.name: f.read_bytes() for f in (run / f"stage{n}").iterdir() if f.is_file()} for n in (1, 2, 3)}
+    monkeypatch.setattr(stages, "alignment_loss", lambda *args, **kwargs: torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteLossError):
+        train_stage(config, dataset, features, run, 2)
+    for n, folder in ((1, "stage1"), (2, "stage2.prev"), (3, "stage3.prev")):
+        assert {f.name: f.read_bytes() for f in (run / folder).iterdir() if f.is_file()} == before[n], folder
+    assert not (run / "stage3").exists()  # built from the Stage 2 that is now .prev: not left beside the new one
+    assert {"model.safetensors", "checkpoint.json"} <= {f.name for f in (run / "stage2").iterdir()}
+    assert not (run / "stage2" / "metrics.json").exists()  # no figures of a model that is not there
+
+
 def test_a_stage_never_keeps_a_model_worse_than_the_one_it_loaded(setup, three_stages, tmp_path, monkeypatch):
     config, dataset, features = setup
     run, _ = three_stages

@@ -224,6 +224,29 @@ def test_cli_train_and_evaluate_end_to_end(tmp_path, capsys):
     assert "nothing was reproduced" in capsys.readouterr().err
 
 
+def test_evaluate_recomputes_pop_with_its_own_config(smoke_config, tmp_path, capsys):
+    # a later command that rewrites the run's config.yaml (text audit, features) must not make the
+    # saved Pop baseline look irreproducible
+    run_dir = tmp_path / "run"
+    config_path = tmp_path / "c.yaml"
+    smoke_config.override(["train.epochs=2"]).save(config_path)
+    assert main(["train", "--config", str(config_path), "--run-dir", str(run_dir)]) == 0
+    smoke_config.override(["eval.num_sampled_negatives=20"]).save(run_dir / "config.yaml")
+    assert main(["evaluate", "--run-dir", str(run_dir)]) == 0
+    assert "baselines/pop/metrics.json" in capsys.readouterr().out
+
+
+def test_a_second_train_keeps_the_first_as_prev(smoke_config, tmp_path, capsys):
+    run_dir, config_path = tmp_path / "run", tmp_path / "c.yaml"
+    smoke_config.override(["train.epochs=2"]).save(config_path)
+    assert main(["train", "--config", str(config_path), "--run-dir", str(run_dir)]) == 0
+    first = (run_dir / "stage1" / "model.safetensors").read_bytes()
+    assert main(["train", "--config", str(config_path), "--run-dir", str(run_dir), "--set", "train.seed=7"]) == 0
+    assert "the earlier stage1 kept as stage1.prev" in capsys.readouterr().err
+    assert (run_dir / "stage1.prev" / "model.safetensors").read_bytes() == first
+    assert main(["evaluate", "--run-dir", str(run_dir)]) == 0
+
+
 def test_only_real_targets_reach_the_loss_with_the_configured_smoothing_and_tie_gap(smoke_config, synthetic,
                                                                                      tmp_path, monkeypatch):
     seen, gaps, smoothings = [], [], []

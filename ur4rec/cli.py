@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--only", help="comma-separated variant names (default: all)")
     ablate.set_defaults(handler=command_ablate)
 
-    evaluate = commands.add_parser("evaluate", help="reload a stage's checkpoint and recompute its metrics")
+    evaluate = commands.add_parser("evaluate", help="recompute what a stage saved (metrics, ranks, internals, Pop) from its "
+                                      "checkpoint and check it")
     evaluate.add_argument("--run-dir", required=True, type=Path, help="run directory to read")
-    evaluate.add_argument("--stage", type=int, default=1, help="stage to evaluate")
+    evaluate.add_argument("--stage", type=int, default=1, help="stage to evaluate (default 1)")
     evaluate.set_defaults(handler=command_evaluate)
 
     compare = commands.add_parser("compare", help="paired difference of two sets of runs, user by user, from "
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML config (default: built-in defaults = ML-100K)")
+    parser.add_argument("--config", type=Path, help="YAML config (default: the built-in defaults on ML-100K; the settings chosen on "
+                        "ML-100K are in configs/ml100k.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.epochs=5 (repeatable)")
 
@@ -182,7 +184,8 @@ def command_train(args) -> int:
         print(f"\nstage {stage}: best epoch {result.best_epoch} of {result.epochs_run}, "
               f"{result.seconds_per_epoch:.2f} s/epoch, {result.total_seconds:.1f} s in all")
     rows["Pop"] = write_pop_baseline(run_dir, dataset, config)["test"]
-    print_table(rows, "test")
+    config.save(run_dir / "baselines" / "pop" / "config.yaml")  # what `ur4rec evaluate` recomputes it with
+    print_table(rows, "test", config.eval.num_sampled_negatives)
     print(f"\nrun directory: {run_dir.resolve()}")
     return 0
 
@@ -197,9 +200,10 @@ def command_ablate(args) -> int:
     dataset = load_dataset(config.data)
     features = build_features(config, dataset, args.run_dir, progress=config.train.progress)
     rows = run_ablations(config, dataset, features, args.run_dir, only)
-    print(f"\n{'variant':<16} {'valid ndcg@10':>14} {'test hr@10':>11} {'test ndcg@10':>13}")
+    width = max(len("variant"), *(len(row["variant"]) for row in rows))
+    print(f"\n{'variant':<{width}} {'valid ndcg@10':>14} {'test hr@10':>11} {'test ndcg@10':>13}")
     for row in rows:
-        print(f"{row['variant']:<16} {row['valid_full_ndcg@10']:>14.4f} {row['test_full_hr@10']:>11.4f} "
+        print(f"{row['variant']:<{width}} {row['valid_full_ndcg@10']:>14.4f} {row['test_full_hr@10']:>11.4f} "
               f"{row['test_full_ndcg@10']:>13.4f}")
     print(f"\nwritten: {(args.run_dir / 'ablations.csv').resolve()}")
     return 0
@@ -224,10 +228,12 @@ def command_evaluate(args) -> int:
             features = load_features(args.run_dir, dataset)
             metrics = evaluate_multimodal_stage(args.run_dir, dataset, features, config, args.stage,
                                                 into=fresh / stage_path.name)
-        if (args.run_dir / "baselines" / "pop" / "metrics.json").exists():  # in the table `train` prints
-            # written by the run's last `train`, with the run's config.yaml (the data fingerprint is the same)
-            write_pop_baseline(fresh, dataset, Config.load(args.run_dir / "config.yaml"))
-        print_table({f"stage {args.stage}": metrics["test"]}, "test")
+        pop = args.run_dir / "baselines" / "pop"
+        if (pop / "metrics.json").exists():  # in the table `train` prints, with the config it was computed with
+            # (runs made before that config was kept: the run's config.yaml, which `train` wrote with it)
+            saved = pop / "config.yaml" if (pop / "config.yaml").exists() else args.run_dir / "config.yaml"
+            write_pop_baseline(fresh, dataset, Config.load(saved))
+        print_table({f"stage {args.stage}": metrics["test"]}, "test", config.eval.num_sampled_negatives)
         compared, absent, differences = compare_outputs(args.run_dir, fresh)
     if absent:
         print(f"not in {args.run_dir}, so not checked: {', '.join(absent)}")
@@ -259,10 +265,10 @@ def command_compare(args) -> int:
     return 0
 
 
-def print_table(rows: dict[str, dict[str, dict[str, float]]], split: str) -> None:
+def print_table(rows: dict[str, dict[str, dict[str, float]]], split: str, negatives: int) -> None:
     """One line per model and protocol, the metrics of TABLE_METRICS as columns."""
     header = f"{'model':<20} {'protocol':<8} " + " ".join(f"{m:>9}" for m in TABLE_METRICS)
-    print(f"\n{split} metrics (full = all items, seen excluded; sampled = 1 + 99 fixed negatives)")
+    print(f"\n{split} metrics (full = all items, seen excluded; sampled = 1 + {negatives} fixed negatives)")
     print(header)
     print("-" * len(header))
     for name, metrics in rows.items():

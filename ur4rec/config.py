@@ -127,7 +127,8 @@ class FeatureConfig:
     )
     image_model: str = option("ViT-B-32", "open_clip model name")
     image_pretrained: str | None = option(
-        None, "open_clip weights: a tag such as 'openai' (needs internet) or a local checkpoint file"
+        None, "open_clip weights: a tag such as 'openai' (needs internet) or a local checkpoint file; "
+        "null = random weights (for tests: the image features then carry no meaning, and a warning says so)"
     )
     image_folder: str | None = option(None, "folder of item images named <item_id>.<ext>; null = no images")
     batch_size: int = option(64, "texts or images per encoder batch")

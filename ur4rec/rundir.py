@@ -11,7 +11,9 @@
     RUN/stageN/test_ranks.csv        user_id,target_item,rank_full,rank_sampled (1-based)
     RUN/stageN/valid_ranks.csv       the same for the validation item
     RUN/stageN/valid_ranks_by_epoch.csv  user_id,target_item,epoch_E,...: the validation rank after each validated epoch
+    RUN/stageN.prev/                 the stage as it was before the last run that retrained it (see start_stage)
     RUN/baselines/pop/metrics.json   the Pop baseline in the same harness
+    RUN/baselines/pop/config.yaml    the config it was computed with
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -34,6 +38,29 @@ class RunDirError(RuntimeError):
 
 def stage_dir(run_dir: Path, stage: int) -> Path:
     return Path(run_dir) / f"stage{stage}"
+
+
+def start_stage(run_dir: Path, stage: int) -> Path:
+    """The empty ``RUN/stageN/`` a training run writes into.
+
+    A stage trained before is not overwritten: it moves to ``stageN.prev/`` (replacing an older
+    one), and so do the later stages, which were built from it and would no longer match. So a
+    rerun into the same run directory, even one that fails or is stopped, loses no finished stage.
+    """
+    moved = []
+    for later in range(stage, 4):
+        folder = stage_dir(run_dir, later)
+        if folder.is_dir() and any(folder.iterdir()):
+            keep = folder.with_name(f"{folder.name}.prev")
+            shutil.rmtree(keep, ignore_errors=True)
+            folder.rename(keep)
+            moved.append(keep.name)
+    if moved:
+        print(f"{run_dir}: the earlier {', '.join(m.removesuffix('.prev') for m in moved)} kept as "
+              f"{', '.join(moved)}", file=sys.stderr)
+    out = stage_dir(run_dir, stage)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def prepare_run(run_dir: Path, config: Config, dataset: SequenceDataset) -> Path:

@@ -59,7 +59,7 @@ from ur4rec.models.losses import sample_negatives as sample_training_negatives
 from ur4rec.models.memory import UserMemory, build_memory, combined_item_features, empty_memory
 from ur4rec.models.scoring import score
 from ur4rec.models.ur4rec_model import EXPERTS, UR4Rec
-from ur4rec.rundir import EpochRanks, append_log, stage_dir, write_json, write_ranks
+from ur4rec.rundir import EpochRanks, append_log, stage_dir, start_stage, write_json, write_ranks
 from ur4rec.training.checkpoint import (
     CheckpointError,
     load_strictly,
@@ -543,13 +543,10 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
     rng = np.random.default_rng(config.train.seed)
     device = config.train.device
     generator = torch.Generator(device=device).manual_seed(config.train.seed)
-    out = stage_dir(run_dir, stage)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "log.jsonl"
-    log_path.unlink(missing_ok=True)
-
     model = build_ur4rec(config, dataset, features)
     report = load_stage_weights(model, previous, spec)
+    out = start_stage(run_dir, stage)
+    log_path = out / "log.jsonl"
     model.to(device)
     trainable = apply_stage(model, spec)
     uncertainty = None

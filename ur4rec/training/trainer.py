@@ -36,7 +36,7 @@ from ur4rec.models.losses import LOSSES, recommendation_loss
 from ur4rec.models.losses import sample_negatives as sample_training_negatives
 from ur4rec.precision import autocast as precision_autocast
 from ur4rec.precision import resolve_precision
-from ur4rec.rundir import EpochRanks, append_log, stage_dir, write_json, write_ranks
+from ur4rec.rundir import EpochRanks, append_log, stage_dir, start_stage, write_json, write_ranks
 from ur4rec.training.checkpoint import build_model, load_model, save_checkpoint
 
 
@@ -174,14 +174,11 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
     torch.manual_seed(config.train.seed)
     rng = np.random.default_rng(config.train.seed)
     generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
-    out = stage_dir(run_dir, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "log.jsonl"
-    log_path.unlink(missing_ok=True)
-
     model = build_model(config, dataset.n_items).to(config.train.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.learning_rate,
                                   weight_decay=config.train.weight_decay)
+    out = start_stage(run_dir, 1)
+    log_path = out / "log.jsonl"
     fixed_windows = None if config.train.shuffle_ties else training_windows(dataset, config.data.max_len)
     negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
     valid_inputs = build_eval_inputs(dataset, "valid", config.data.max_len, negatives)

@@ -90,3 +90,21 @@ def test_values_the_code_cannot_use_are_refused_by_name(override, message):
     with pytest.raises(ConfigError, match=message):
         Config().override(["train.loss=ce", override])
 
+
+
+def test_a_device_torch_cannot_use_here_is_named(smoke_config, tmp_path):
+    import torch
+
+    from ur4rec.cli import main
+    from ur4rec.precision import check_device
+
+    config = tmp_path / "c.yaml"
+    smoke_config.save(config)
+    cases = [("foo", "train.device 'foo' is not a torch device")]
+    if not torch.cuda.is_available():  # where there is a GPU, cuda is a usable device
+        cases.append(("cuda", "train.device is 'cuda' but torch finds no CUDA device here"))
+    for device, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_device(device, "train.device")
+        assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "run"),
+                     "--set", f"train.device={device}"]) == 2

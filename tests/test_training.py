@@ -153,12 +153,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_config, 
         return loss * float("nan") if calls["n"] > 2 * steps_per_epoch + 1 else loss
 
     monkeypatch.setattr(trainer, "recommendation_loss", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"loss term 'ce' is nan at epoch 3, step 1"):
+    with pytest.raises(NonFiniteLossError, match=r"loss term 'ce' is nan at epoch 3, step 1") as stopped:
         run_stage1(config, synthetic, tmp_path)
     info = json.loads((tmp_path / "stage1" / "checkpoint.json").read_text())
     assert info["epoch"] in (1, 2)
+    assert f"keeps the checkpoint of epoch {info['epoch']}, the best before it" in str(stopped.value)
     assert len((tmp_path / "stage1" / "log.jsonl").read_text().splitlines()) == 2
     load_model(tmp_path / "stage1")  # still loadable
+
+
+def test_a_first_epoch_that_fails_says_there_is_no_checkpoint(smoke_config, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    smoke_config.save(config)
+    assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "run"),
+                 "--set", "train.learning_rate=1e30"]) == 1
+    err = capsys.readouterr().err
+    assert "error: loss term 'ce' is" in err and "no epoch of stage1 finished, so it has no checkpoint" in err
+    assert "Traceback" not in err
 
 
 def test_cli_train_and_evaluate_end_to_end(tmp_path, capsys):

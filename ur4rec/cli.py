@@ -32,9 +32,8 @@ def main(argv: list[str] | None = None) -> int:
             OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except FloatingPointError as error:  # a non-finite loss: the stage keeps its last good checkpoint
-        print(f"error: {error}; the stage directory keeps the last good checkpoint and the log up to it",
-              file=sys.stderr)
+    except FloatingPointError as error:  # a non-finite loss; the message says what the stage kept
+        print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted; a stage that was training keeps its last good checkpoint and log", file=sys.stderr)

@@ -26,6 +26,17 @@ def native_bf16(device: str) -> bool:
     return False
 
 
+def check_device(device: str, field: str = "device") -> str:
+    """``device`` if torch can run on it here; otherwise a ValueError naming the config key."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise ValueError(f"{field} {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {error}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{field} is {device!r} but torch finds no CUDA device here; use cpu")
+    return device
+
+
 def resolve_precision(precision: str, device: str, field: str = "precision") -> str:
     """``auto``, ``bf16`` or ``fp32`` -> ``bf16`` or ``fp32`` on ``device``; ``field`` names the
     config key in the error for anything else."""

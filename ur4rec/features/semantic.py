@@ -78,9 +78,9 @@ def load_text_encoder(name: str, device: str = "cpu", batch_size: int = 64, prec
 
 def check_precision(precision: str, device: str = "cpu") -> str:
     """``features.precision`` (auto, bf16 or fp32) -> bf16 or fp32 on ``device``."""
-    from ur4rec.precision import resolve_precision  # imports torch: not at ``ur4rec --help`` time
+    from ur4rec.precision import check_device, resolve_precision  # imports torch: not at ``ur4rec --help`` time
 
-    return resolve_precision(precision, device, "features.precision")
+    return resolve_precision(precision, check_device(device, "features.device"), "features.precision")
 
 
 def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:

@@ -34,8 +34,8 @@ def read_text_file(path: Path) -> dict[str, str]:
         raise TextBackendNotFoundError(f"{path} does not exist; the json backend needs {USER_FILE} and {ITEM_FILE}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise TextGenerationError(f"{path}: not valid JSON ({error})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TextGenerationError(f"{path}: not valid JSON, or not UTF-8 ({error})") from error
     if not isinstance(raw, dict):
         raise TextGenerationError(f"{path}: expected an object {{id: text}}, got {type(raw).__name__}")
     texts = {}

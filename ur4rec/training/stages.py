@@ -71,6 +71,7 @@ from ur4rec.training.trainer import (
     NonFiniteLossError,
     StageResult,
     autocast,
+    kept_checkpoint,
     learning_rate,
     length_bucketed_batches,
     set_threads,
@@ -588,7 +589,11 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
     bar = tqdm(range(1, epochs + 1), desc=label, unit="epoch", disable=not config.train.progress)
     for epoch in bar:
         start = time.perf_counter()
-        losses = train_multimodal_epoch(model, optimizer, trainable, windows, config, rng, generator, epoch, uncertainty)
+        try:
+            losses = train_multimodal_epoch(model, optimizer, trainable, windows, config, rng, generator, epoch,
+                                            uncertainty)
+        except NonFiniteLossError as error:
+            raise NonFiniteLossError(f"{error}; {kept_checkpoint(out, best_epoch)}") from None
         epoch_seconds.append(time.perf_counter() - start)
         gate_history.append({"epoch": epoch, "gate": _gate_value(model)})
         record = {"epoch": epoch, "seconds": round(epoch_seconds[-1], 4), "train_loss": losses["total"],

@@ -35,7 +35,7 @@ from ur4rec.evaluation.evaluate import EvalInputs, build_eval_inputs, evaluate, 
 from ur4rec.models.losses import LOSSES, recommendation_loss
 from ur4rec.models.losses import sample_negatives as sample_training_negatives
 from ur4rec.precision import autocast as precision_autocast
-from ur4rec.precision import resolve_precision
+from ur4rec.precision import check_device, resolve_precision
 from ur4rec.rundir import EpochRanks, append_log, stage_dir, start_stage, write_json, write_ranks
 from ur4rec.training.checkpoint import build_model, load_model, save_checkpoint
 
@@ -101,7 +101,16 @@ class StageResult:
     metrics: dict
 
 
+def kept_checkpoint(out: Path, best_epoch: int) -> str:
+    """What a stopped stage leaves behind, for its error message."""
+    if (out / "checkpoint.json").exists():
+        return f"{out} keeps the checkpoint of epoch {best_epoch}, the best before it, and the log up to it"
+    return f"no epoch of {out.name} finished, so it has no checkpoint"
+
+
 def set_threads(config: Config) -> None:
+    """Before a stage trains: torch's CPU threads, and a device that exists here."""
+    check_device(config.train.device, "train.device")
     if config.train.threads > 0:
         torch.set_num_threads(config.train.threads)
 
@@ -190,7 +199,10 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
     for epoch in bar:
         start = time.perf_counter()
         inputs, targets = fixed_windows or training_windows(dataset, config.data.max_len, rng, config.train.tie_gap)
-        train_loss = train_epoch(model, optimizer, inputs, targets, config, rng, generator, epoch)
+        try:
+            train_loss = train_epoch(model, optimizer, inputs, targets, config, rng, generator, epoch)
+        except NonFiniteLossError as error:
+            raise NonFiniteLossError(f"{error}; {kept_checkpoint(out, best_epoch)}") from None
         epoch_seconds.append(time.perf_counter() - start)
         record = {"epoch": epoch, "seconds": round(epoch_seconds[-1], 4), "train_loss": train_loss,
                   "lr": optimizer.param_groups[0]["lr"]}

@@ -108,3 +108,13 @@ def test_a_device_torch_cannot_use_here_is_named(smoke_config, tmp_path):
             check_device(device, "train.device")
         assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "run"),
                      "--set", f"train.device={device}"]) == 2
+
+
+def test_an_empty_config_file_or_a_key_given_twice_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("# nothing but a comment\n")
+    with pytest.raises(ConfigError, match="c.yaml is empty"):
+        Config.load(path)
+    path.write_text("train:\n  epochs: 3\n  batch_size: 64\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match="key 'epochs' is given twice"):
+        Config.load(path)

@@ -219,13 +219,15 @@ class Config:
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from error
         except UnicodeDecodeError as error:
             raise ConfigError(f"{path}: not UTF-8 text ({error})") from error
         except IsADirectoryError:
             raise ConfigError(f"{path} is a folder, not a config file") from None
+        if raw is None:  # empty, or comments only: almost surely not what was meant
+            raise ConfigError(f"{path} is empty; leave out --config for the built-in defaults")
         return cls.from_dict(raw, source=str(path))
 
     def override(self, assignments: list[str]) -> Config:
@@ -245,6 +247,21 @@ class Config:
                 parsed = value  # a text field keeps what was typed: data.path=2024 is the folder "2024"
             raw.setdefault(section, {})[name] = parsed
         return Config.from_dict(raw, source="overrides")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:

@@ -446,7 +446,7 @@ def test_json_backend_warns_when_item_descriptions_do_not_name_their_titles(synt
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    ("[]", r"user_preferences.json: expected an object \{id: text\}, got list"),
+    ("[]", r"user_preferences.json: expected an object \{id: text\}, got a JSON list"),
     ('{"1": 5}', r"user_preferences.json: the text for id '1' is of type int, not a string"),
     ('{"1": "unclosed', r"user_preferences.json: not valid JSON"),
 ], ids=["list", "number", "invalid-json"])

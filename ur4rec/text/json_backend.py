@@ -11,12 +11,12 @@ their own item's title a warning says the ids may not be the dataset's.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 from ur4rec.data.dataset import SequenceDataset
+from ur4rec.rundir import read_json
 from ur4rec.text.generator import TextBackendNotFoundError, TextGenerationError, TextGenerator
 from ur4rec.text.prompts import TextRequest
 from ur4rec.text.titles import normalise_typography, title_patterns
@@ -32,12 +32,7 @@ def read_text_file(path: Path) -> dict[str, str]:
     """A ``{id: text}`` JSON file, validated; null texts are skipped."""
     if not path.exists():
         raise TextBackendNotFoundError(f"{path} does not exist; the json backend needs {USER_FILE} and {ITEM_FILE}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise TextGenerationError(f"{path}: not valid JSON, or not UTF-8 ({error})") from error
-    if not isinstance(raw, dict):
-        raise TextGenerationError(f"{path}: expected an object {{id: text}}, got {type(raw).__name__}")
+    raw = read_json(path, "an object {id: text}", TextGenerationError)
     texts = {}
     for key, value in raw.items():
         if value is None:

@@ -365,6 +365,8 @@ def _check_values(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: model.dropout must be in [0, 1), got {config.model.dropout}")
     if not 0.0 <= config.train.label_smoothing < 1.0:
         raise ConfigError(f"{where}: train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}")
+    if not 0.0 <= config.moe.novelty_threshold < 1.0:  # novelty is 1 - a cosine; an empty memory's is 1
+        raise ConfigError(f"{where}: moe.novelty_threshold must be in [0, 1), got {config.moe.novelty_threshold}")
     if not config.train.learning_rate > 0 or config.train.learning_rate == float("inf"):
         raise ConfigError(f"{where}: train.learning_rate must be a positive number, got {config.train.learning_rate}")
     if config.train.loss != "ce" and config.train.num_negatives < 1:

@@ -293,7 +293,7 @@ class MemoryReader(nn.Module):
         snapshot as of train position ``before`` (None, or past the train part: after it).
         """
         W = self.short_term_size
-        short = recent[:, recent.size(1) - W:] if W else recent[:, :0]  # (N, W)
+        short = recent[:, max(recent.size(1) - W, 0):] if W else recent[:, :0]  # (N, <= W)
         if short.size(1) < W:  # a history shorter than W: pad on the left
             short = torch.nn.functional.pad(short, (W - short.size(1), 0))
         rows = self.final[users]

@@ -66,7 +66,7 @@ from ur4rec.models.memory import (
 )
 from ur4rec.models.sasrec import SASRecEncoder, _init_weights
 from ur4rec.models.scoring import score
-from ur4rec.models.similarity import HistorySimilarity
+from ur4rec.models.similarity import HistorySimilarity, interaction_matrix
 
 EXPERTS = ("visual", "semantic", "preference", "fusion")
 PARAMETER_GROUPS = ("item_embedding", "backbone", "memory", "alignment", "experts.visual", "experts.semantic",
@@ -164,6 +164,10 @@ class UR4Rec(nn.Module):
         if moe.similarity:
             self.similarity = HistorySimilarity(moe.similarity, moe.similarity_window, n_items, features,
                                                 train_sequences)
+        # (U, V + 1) bool: each user's train items, never a hard negative in training (see
+        # stages.sampled_candidates); None when the model is built without the train part
+        self.register_buffer("train_items", None if train_sequences is None
+                             else interaction_matrix(train_sequences, n_items), persistent=False)
 
     def _register_features(self, features, image_dim: int) -> None:
         V, U = self.n_items + 1, self.n_users

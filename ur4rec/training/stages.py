@@ -310,13 +310,17 @@ def recent_items(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def sampled_candidates(model: UR4Rec, states: torch.Tensor, targets: torch.Tensor, window: torch.Tensor,
-                       hard: int, uniform: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+                       hard: int, uniform: int, generator=None,
+                       exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, d) states, (N,) targets, (N, L) items of each row's window -> candidates (N, 1 + H + K)
     (the target first) and a (N, 1 + H + K) mask of candidates to leave out of the softmax.
 
     Hard negatives: the ``hard`` items the backbone scores highest that are not in the row's
-    window (its history, its future and the target), i.e. the items full ranking must beat.
-    Uniform: ``uniform`` items shared by the batch; copies of the target are left out.
+    window (its history, its future and the target) nor in ``exclude`` ((N, V + 1) bool: in
+    training, all of the row's user's train items, since a window holds only max_len of them),
+    i.e. the items full ranking must beat: it leaves the user's seen items out, and the items the
+    user rates later are no negatives. Uniform: ``uniform`` items shared by the batch; copies of
+    the target are left out.
     """
     N = targets.size(0)
     candidates, left_out = [targets[:, None]], [torch.zeros(N, 1, dtype=torch.bool, device=targets.device)]
@@ -325,6 +329,8 @@ def sampled_candidates(model: UR4Rec, states: torch.Tensor, targets: torch.Tenso
             own = score(states, model.item_vectors()).float()  # (N, V + 1) the backbone's scores
             own[:, 0] = float("-inf")
             own.scatter_(1, window, float("-inf"))
+            if exclude is not None:
+                own.masked_fill_(exclude, float("-inf"))
             values, items = own.topk(min(hard, model.n_items), dim=1)  # (N, H)
         candidates.append(items)
         left_out.append(values == float("-inf"))  # fewer items outside the window than H
@@ -373,8 +379,9 @@ def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=Non
     arange = torch.arange(N, device=targets.device)
     if moe.train_candidates == "sampled":
         window = torch.cat([x, y], 1)[row_batch]  # (N, 2W) each row's window: history, future, target
+        exclude = None if model.train_items is None else model.train_items[users[row_batch]]
         candidates, false_negative = sampled_candidates(model, rows.states, targets, window, moe.hard_negatives,
-                                                        moe.num_negatives, generator)
+                                                        moe.num_negatives, generator, exclude)
         positive = torch.zeros(N, dtype=torch.long, device=targets.device)
     elif moe.train_candidates == "in_batch":
         candidates = targets[None].expand(N, N)  # (N, N)

@@ -85,6 +85,8 @@ def test_overrides_are_type_checked_and_name_what_is_wrong():
     ("eval.ks=[5]", "eval.select_metric 'ndcg@10' is not computed"),
     ("eval.ks=[0]", "eval.ks must be one or more cut-offs of 1 or more"),
     ("data.path=", "data.path is empty"),
+    ("moe.novelty_threshold=1.0", "moe.novelty_threshold must be in \\[0, 1\\)"),
+    ("moe.novelty_threshold=-0.1", "moe.novelty_threshold must be in \\[0, 1\\)"),
 ])
 def test_values_the_code_cannot_use_are_refused_by_name(override, message):
     with pytest.raises(ConfigError, match=message):

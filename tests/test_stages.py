@@ -269,18 +269,14 @@ def test_stage3_needs_stage2_groups_from_a_stage2_checkpoint(setup, tmp_path):
 def test_memory_is_built_from_the_train_part_only(setup):
     config, dataset, features = setup
     memory = stages.build_user_memory(dataset, features, config)
-    leaks = 0
     for user in range(dataset.n_users):
         train = set(dataset.train_sequence(user).tolist())
         rows = memory.items[memory.offsets[user]:memory.offsets[user + 1]]  # every snapshot of the user
         assert len(rows) == len(train_sequence := dataset.train_sequence(user)) + 1
         stored = set(rows[rows > 0].tolist())
-        assert stored <= train, user
-        held_out = set(dataset.sequences[user][-2:].tolist()) - train
-        leaks += len(stored & held_out)
+        assert stored <= train, user  # so no validation or test item that is not also a train item
         for position in range(len(train_sequence) + 1):  # nothing from the target's position on
             assert set(memory.snapshot(user, position)) <= set(train_sequence[:position].tolist())
-    assert leaks == 0
 
 
 def test_training_rows_read_memory_and_history_from_before_their_target(setup, monkeypatch):
@@ -523,3 +519,159 @@ def test_in_batch_and_full_training_losses_against_a_direct_computation(setup):
             logits = model.score_rows(rows, torch.arange(1, dataset.n_items + 1)).scores.float()
             expected = F.cross_entropy(logits, targets - 1)
         assert loss.item() == pytest.approx(expected.item(), rel=1e-5), mode
+
+
+# --------------------------------------------------------------------------- training rows (audit of 2026-11-25)
+
+
+def test_no_train_item_of_the_rows_user_is_a_hard_negative(setup, monkeypatch):
+    # a window holds at most max_len of the user's train items: the others (earlier ones, and the
+    # ones the user rates later) are no negatives full ranking asks the model to beat
+    config, dataset, features = setup
+    model = build_ur4rec(config, dataset, features).eval()
+    seen = {}
+    real = stages.sampled_candidates
+
+    def spy(*args, **kwargs):
+        seen["out"] = real(*args, **kwargs)
+        return seen["out"]
+
+    monkeypatch.setattr(stages, "sampled_candidates", spy)
+    x, y, t, users = one_batch(config, dataset)
+    training_losses(model, x, y, t, users, config, torch.Generator().manual_seed(0))
+    candidates, left_out = seen["out"]
+    hard = min(config.moe.hard_negatives, model.n_items)
+    row_batch = torch.arange(len(y))[:, None].expand_as(y)[y > 0]
+    assert torch.equal(candidates[:, 0], y[y > 0])  # the target first
+    outside = 0
+    for row, window in enumerate(row_batch.tolist()):
+        negatives = set(candidates[row, 1:1 + hard][~left_out[row, 1:1 + hard]].tolist())
+        train = set(dataset.train_sequence(int(users[window])).tolist())
+        assert negatives and not negatives & train, row
+        outside += len(train - set(torch.cat([x[window], y[window]]).tolist()))
+    assert outside > 0  # the case that matters: train items outside the row's window
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rows_per_window_draws_that_many_real_targets_at_random(setup, monkeypatch, seed):
+    config, dataset, features = setup
+    config = config.override(["moe.rows_per_window=3"])
+    model = build_ur4rec(config, dataset, features).eval()
+    seen = {}
+    real = model.read_memory
+
+    def spy(users, states, recent, before=None):
+        seen["before"] = before
+        return real(users, states, recent, before)
+
+    monkeypatch.setattr(model, "read_memory", spy)
+    x, y, t, users = one_batch(config, dataset)
+    draws = set()
+    for s in range(6):
+        training_losses(model, x, y, t, users, config, torch.Generator().manual_seed(100 * seed + s))
+        assert len(seen["before"]) == int((y > 0).sum(1).clamp(max=3).sum())
+        assert set(seen["before"].tolist()) <= set(t[y > 0].tolist())  # real targets only
+        draws.add(tuple(seen["before"].tolist()))
+    newest = tuple(t[:, -3:][y[:, -3:] > 0].tolist())
+    assert len(draws) > 1 and draws != {newest}  # drawn at random, not the newest three
+
+
+@pytest.mark.parametrize("mode", ["in_batch", "full"])
+def test_alignment_surprise_is_the_targets_novelty_in_every_mode(setup, monkeypatch, mode):
+    config, dataset, features = setup
+    config = config.override([f"moe.train_candidates={mode}", "moe.surprise_alpha=2.0"])
+    model = build_ur4rec(config, dataset, features).eval()
+    seen = {}
+    score_rows, alignment = model.score_rows, stages.alignment_loss
+
+    def score_spy(rows, candidates, *args, **kwargs):
+        seen["out"] = score_rows(rows, candidates, *args, **kwargs)
+        return seen["out"]
+
+    def alignment_spy(projections, embeddings, items, temperature, weights):
+        seen["weights"] = weights
+        return alignment(projections, embeddings, items, temperature, weights)
+
+    monkeypatch.setattr(model, "score_rows", score_spy)
+    monkeypatch.setattr(stages, "alignment_loss", alignment_spy)
+    x, y, t, users = one_batch(config, dataset)
+    training_losses(model, x, y, t, users, config, torch.Generator().manual_seed(0))
+    targets = y[:, -1]
+    column = torch.arange(len(targets)) if mode == "in_batch" else targets - 1  # the target's candidate column
+    novelty = seen["out"].novelty[torch.arange(len(targets)), column]
+    assert torch.allclose(seen["weights"], 1 + 2.0 * novelty[model.item_content_mask[targets]])
+
+
+def test_training_rows_get_the_similarity_terms_evaluation_gives_the_same_history(setup, monkeypatch):
+    config, dataset, features = setup
+    config = config.override(["moe.similarity_window=5", "moe.short_term_size=3"])  # the window is the wider
+    model = build_ur4rec(config, dataset, features).eval()
+    with torch.no_grad():
+        model.similarity.weight.fill_(1.0)
+    seen = {}
+    real = model.read_memory
+
+    def spy(users, states, recent, before=None):
+        rows = real(users, states, recent, before)
+        seen["users"], seen["similarity"] = users, rows.similarity
+        return rows
+
+    monkeypatch.setattr(model, "read_memory", spy)
+    x, y, t, users = one_batch(config, dataset)
+    training_losses(model, x, y, t, users, config, torch.Generator().manual_seed(0))
+    row_batch = torch.arange(len(y))[:, None].expand_as(y)[y > 0]
+    positions = torch.arange(y.size(1))[None].expand_as(y)[y > 0]
+    for row in range(len(row_batch)):
+        history = x[row_batch[row], : positions[row] + 1][None]  # what evaluation would take as the input
+        expected = model.similarity(seen["users"][row:row + 1], history)
+        assert torch.allclose(seen["similarity"][row:row + 1], expected, atol=1e-6), row
+
+
+def test_stage2_trains_with_the_frozen_backbone_in_eval_mode(setup, monkeypatch):
+    config, dataset, features = setup
+    model = build_ur4rec(config, dataset, features)
+    trainable = apply_stage(model, STAGES[2])
+    modes = []
+    real = model.encode
+
+    def spy(ids, need_weights=False):
+        modes.append(model.backbone.training)
+        return real(ids, need_weights)
+
+    monkeypatch.setattr(model, "encode", spy)
+    optimizer = torch.optim.AdamW([{"params": p, "lr_scale": 1.0} for p in trainable.values()], lr=1e-3)
+    windows = tuple(array[:16] for array in stages._checked_windows(dataset, config.data.max_len))
+    stages.train_multimodal_epoch(model, optimizer, trainable, windows, config, np.random.default_rng(0),
+                                  torch.Generator().manual_seed(0), 1)
+    assert modes and not any(modes)  # no dropout in a backbone that does not train
+
+
+def test_build_user_memory_uses_the_configured_half_life(setup):
+    import types
+
+    from ur4rec.models.memory import build_memory, combined_item_features
+
+    config, dataset, features = setup
+    V = dataset.n_items + 1
+    clusters = np.eye(384, dtype=np.float32)[np.random.default_rng(0).integers(0, 6, V)]  # re-accesses happen
+    clustered = types.SimpleNamespace(item_text=clusters, item_text_mask=np.r_[False, np.ones(V - 1, bool)],
+                                      item_image=None, item_image_mask=None, user_text=features.user_text,
+                                      user_text_mask=features.user_text_mask)
+    sequences = [dataset.train_sequence(user) for user in range(dataset.n_users)]
+    built = {}
+    for half_life in (0.5, 50.0):
+        variant = config.override(["moe.long_term_capacity=3", f"moe.memory_half_life={half_life}"])
+        built[half_life] = stages.build_user_memory(dataset, clustered, variant).items
+        reference = build_memory(sequences, combined_item_features(clustered), 3, variant.moe.novelty_threshold,
+                                 half_life)
+        assert torch.equal(built[half_life], reference.items)
+    assert not torch.equal(built[0.5], built[50.0])  # the half-life decides evictions here
+
+
+def test_the_short_term_tier_keeps_an_input_narrower_than_it():
+    from tiny_model import make_model
+
+    model = make_model(None, "moe.short_term_size=12").eval()  # inputs are 8 wide here
+    ids = torch.tensor([[11, 12, 13, 14, 15, 16, 17, 18]])
+    items, _, _ = model.memory.read(torch.tensor([0]), ids)
+    assert items[0, :12].tolist() == [0, 0, 0, 0, 11, 12, 13, 14, 15, 16, 17, 18]

@@ -170,8 +170,8 @@ class MoEConfig:
     )
     num_negatives: int = option(16, "stages 2-3, sampled: uniform negatives per batch, shared by its targets")
     hard_negatives: int = option(
-        48, "stages 2-3, sampled: per target, the backbone's highest-scored items outside the window (the items "
-        "full ranking must beat) added as negatives"
+        48, "stages 2-3, sampled: per target, the backbone's highest-scored items that are not the user's train "
+        "items (the items full ranking must beat) added as negatives"
     )
     rows_per_window: int = option(
         8, "stages 2-3, sampled: target positions per window (drawn at random each epoch) that train the "

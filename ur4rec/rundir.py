@@ -43,21 +43,32 @@ def stage_dir(run_dir: Path, stage: int) -> Path:
 def start_stage(run_dir: Path, stage: int) -> Path:
     """The empty ``RUN/stageN/`` a training run writes into.
 
-    A stage trained before is not overwritten: it moves to ``stageN.prev/`` (replacing an older
-    one), and so do the later stages, which were built from it and would no longer match. So a
-    rerun into the same run directory, even one that fails or is stopped, loses no finished stage.
+    A finished stage (one with ``metrics.json``) is not overwritten: it moves to
+    ``stageN.prev/`` (replacing an older one), and so do the later stages, which were built from
+    it and would no longer match. So a rerun into the same run directory, even one that fails or
+    is stopped, loses no finished stage. An unfinished stage (a run that stopped before its final
+    evaluation) is what the new run starts over, so it is removed instead: ``.prev`` always holds
+    the last finished one.
     """
-    moved = []
+    kept, dropped = [], []
     for later in range(stage, 4):
         folder = stage_dir(run_dir, later)
-        if folder.is_dir() and any(folder.iterdir()):
+        if not folder.is_dir() or not any(folder.iterdir()):
+            continue
+        if (folder / "metrics.json").exists():
             keep = folder.with_name(f"{folder.name}.prev")
             shutil.rmtree(keep, ignore_errors=True)
             folder.rename(keep)
-            moved.append(keep.name)
-    if moved:
-        print(f"{run_dir}: the earlier {', '.join(m.removesuffix('.prev') for m in moved)} kept as "
-              f"{', '.join(moved)}", file=sys.stderr)
+            kept.append(folder.name)
+        else:
+            shutil.rmtree(folder)
+            dropped.append(folder.name)
+    if kept:
+        print(f"{run_dir}: the earlier {', '.join(kept)} kept as {', '.join(f'{name}.prev' for name in kept)}",
+              file=sys.stderr)
+    if dropped:
+        print(f"{run_dir}: the unfinished {', '.join(dropped)} (stopped before its final evaluation) started over",
+              file=sys.stderr)
     out = stage_dir(run_dir, stage)
     out.mkdir(parents=True, exist_ok=True)
     return out

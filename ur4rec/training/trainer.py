@@ -175,10 +175,6 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
     """Train SASRec to early stopping, keep the best checkpoint, evaluate it, write the stage."""
     if config.train.loss not in LOSSES:
         raise ValueError(f"train.loss must be one of {LOSSES}, got {config.train.loss!r}")
-    if config.train.tie_gap < 0:
-        raise ValueError(f"train.tie_gap must be 0 or more seconds, got {config.train.tie_gap}")
-    if not 0.0 <= config.train.label_smoothing < 1.0:
-        raise ValueError(f"train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}")
     set_threads(config)
     torch.manual_seed(config.train.seed)
     rng = np.random.default_rng(config.train.seed)

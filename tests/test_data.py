@@ -292,3 +292,42 @@ def test_atomic_folders_with_several_inter_files_and_an_item_file_without_ids(tm
     (tmp_path / "bbb.item").write_text("iid:token\ttitle:token_seq\n1\tA\n")
     with pytest.raises(DataFormatError, match=r"bbb\.item, line 1: no item_id column"):
         load_dataset(DataConfig(path=str(tmp_path)))
+
+
+def test_timestamps_are_whole_seconds_read_exactly(tmp_path):
+    # 2**60 and 2**60 + 1 differ by one second but are equal as floats: read as floats they
+    # would become a tie, and the hash, not time, would order them.
+    big = [(1, 5, 3, "1e2"), (1, 9, 3, 2**60 + 1), (1, 7, 3, 2**60), (1, 2, 3, "978300760.0")]
+    write_raw_100k(tmp_path, big)
+    raw = load_movielens("ml-100k", tmp_path)
+    assert raw.timestamps.tolist() == [100, 2**60 + 1, 2**60, 978300760]
+    assert build_dataset(raw).sequences[0].tolist() == [2, 1, 3, 4]  # items 5, 2, 7, 9 by time
+    with open(tmp_path / "u.data", "a") as handle:
+        handle.write("1\t8\t3\t978300760.5\n")
+    with pytest.raises(DataFormatError, match=r"u\.data, line 5: timestamp '978300760\.5' is not a whole number"):
+        load_movielens("ml-100k", tmp_path)
+
+
+def test_an_item_id_given_twice_names_both_lines(tmp_path):
+    write_raw_100k(tmp_path, RATINGS)
+    with open(tmp_path / "u.item", "a") as handle:
+        handle.write(f"7|Other (1990)|01-Jan-1990||http://x|{GENRE_FLAGS}\n")
+    with pytest.raises(DataFormatError, match=r"u\.item, line 6: item id '7' was already given on line 4"):
+        load_movielens("ml-100k", tmp_path)
+    (tmp_path / "ml1m").mkdir()
+    (tmp_path / "ml1m" / "ratings.dat").write_text("1::10::5::100\n")
+    (tmp_path / "ml1m" / "movies.dat").write_text("10::A (2001)::Comedy\n11::B (2001)::Drama\n10::C (2002)::Drama\n")
+    with pytest.raises(DataFormatError, match=r"movies\.dat, line 3: item id '10' was already given on line 1"):
+        load_movielens("ml-1m", tmp_path / "ml1m")
+
+
+def test_another_datasets_raw_files_are_not_read_under_this_name(tmp_path):
+    write_raw_100k(tmp_path, RATINGS)
+    with pytest.raises(DataFormatError, match=r"holds u\.data, the ml-100k raw ratings, but data\.name is 'ml-1m'"):
+        load_movielens("ml-1m", tmp_path)
+
+
+def test_no_user_left_by_the_filter_names_the_source(tmp_path):
+    write_raw_100k(tmp_path, RATINGS)
+    with pytest.raises(ValueError, match=rf"GroupLens raw files in {tmp_path}\): no user has 9 or more"):
+        build_dataset(load_movielens("ml-100k", tmp_path), min_interactions=9)

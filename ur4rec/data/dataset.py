@@ -131,7 +131,8 @@ def build_dataset(raw: RawInteractions, min_interactions: int = 3) -> SequenceDa
     keep = user_counts[user_index] >= min_interactions
     users, items, stamps = raw.users[keep], raw.items[keep], raw.timestamps[keep]
     if len(users) == 0:
-        raise ValueError(f"{raw.name}: no user has {min_interactions} or more interactions")
+        raise ValueError(f"{raw.name} ({raw.source}): no user has {min_interactions} or more interactions "
+                         "(data.min_interactions)")
 
     item_values = np.unique(items)
     item_values = item_values[np.argsort(_sort_key(item_values), kind="stable")]

@@ -130,11 +130,16 @@ def download(name: str) -> Path:
     return target
 
 
+RAW_RATINGS = {"ml-100k": "u.data", "ml-1m": "ratings.dat"}
+
+
 def read_folder(name: str, folder: Path) -> RawInteractions:
-    if (folder / "u.data").exists():
-        return _read_raw_100k(name, folder)
-    if (folder / "ratings.dat").exists():
-        return _read_raw_1m(name, folder)
+    if (folder / RAW_RATINGS[name]).exists():
+        return (_read_raw_100k if name == "ml-100k" else _read_raw_1m)(name, folder)
+    for other, ratings in RAW_RATINGS.items():
+        if (folder / ratings).exists():  # another dataset's raw files: reading them as `name` would mislabel the run
+            raise DataFormatError(f"{folder} holds {ratings}, the {other} raw ratings, but data.name is {name!r}; "
+                                  f"set data.name: {other}")
     inter = sorted(folder.glob("*.inter"))
     if len(inter) > 1 and (folder / f"{name}.inter") in inter:
         inter = [folder / f"{name}.inter"]
@@ -171,11 +176,8 @@ def _parse_interactions(path: Path, separator: str | None, skip_header: bool) ->
             try:
                 if len(parts) < 4:
                     raise ValueError(f"expected 4 fields (user, item, rating, timestamp), got {len(parts)}")
-                user, item, timestamp = parts[0].strip(), parts[1].strip(), float(parts[3])
+                user, item, timestamp = parts[0].strip(), parts[1].strip(), _whole_seconds(parts[3])
                 float(parts[2])
-                if not -2**63 <= timestamp < 2**63:  # also inf and nan
-                    raise ValueError(f"timestamp {parts[3].strip()!r} is not a 64-bit integer")
-                timestamp = int(timestamp)
                 if not user or not item:
                     raise ValueError("empty user or item id")
             except ValueError as error:
@@ -186,6 +188,36 @@ def _parse_interactions(path: Path, separator: str | None, skip_header: bool) ->
     if not users:
         raise DataFormatError(f"{path}: no interactions found")
     return np.array(users), np.array(items), np.array(stamps, dtype=np.int64)
+
+
+def _whole_seconds(text: str) -> int:
+    """A timestamp as an int64 number of seconds. ``978300760`` and ``978300760.0`` are read;
+    a fraction of a second is refused rather than truncated, since truncation would silently
+    turn ordered interactions into ties (and ``train.tie_gap`` counts whole seconds)."""
+    text = text.strip()
+    try:
+        value = int(text)  # exact beyond 2**53, where a float would round
+    except ValueError:
+        number = float(text)
+        if not -2**63 <= number < 2**63:  # also inf and nan
+            raise ValueError(f"timestamp {text!r} is not a 64-bit integer") from None
+        if not number.is_integer():
+            raise ValueError(f"timestamp {text!r} is not a whole number of seconds; UR4Rec orders "
+                             "interactions by whole seconds, so round or rescale the column") from None
+        value = int(number)
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"timestamp {text!r} is not a 64-bit integer")
+    return value
+
+
+def _add_item(meta: dict[str, ItemMeta], lines: dict[str, int], item_id: str, item: ItemMeta,
+              path: Path, line_number: int) -> None:
+    """Add one item's metadata; an id given twice is an error naming both lines (the last one
+    used to win silently)."""
+    if item_id in lines:
+        raise DataFormatError(f"{path}, line {line_number}: item id {item_id!r} was already given on "
+                              f"line {lines[item_id]}")
+    meta[item_id], lines[item_id] = item, line_number
 
 
 _YEAR = re.compile(r"\((\d{4})\)\s*$")
@@ -202,6 +234,7 @@ def _title_and_year(title: str, date: str = "") -> tuple[str, int | None]:
 def _read_raw_100k(name: str, folder: Path) -> RawInteractions:
     users, items, stamps = _parse_interactions(folder / "u.data", "\t", skip_header=False)
     meta: dict[str, ItemMeta] = {}
+    lines: dict[str, int] = {}
     item_file = folder / "u.item"
     if item_file.exists():
         with open(item_file, encoding="latin-1") as handle:
@@ -217,13 +250,14 @@ def _read_raw_100k(name: str, folder: Path) -> RawInteractions:
                 title, year = _title_and_year(parts[1], parts[2])
                 flags = parts[5 : 5 + len(ML100K_GENRES)]
                 genres = [g for g, flag in zip(ML100K_GENRES, flags) if flag.strip() == "1"]
-                meta[parts[0].strip()] = ItemMeta(title, year, genres)
+                _add_item(meta, lines, parts[0].strip(), ItemMeta(title, year, genres), item_file, line_number)
     return RawInteractions(name, f"GroupLens raw files in {folder}", users, items, stamps, meta)
 
 
 def _read_raw_1m(name: str, folder: Path) -> RawInteractions:
     users, items, stamps = _parse_interactions(folder / "ratings.dat", "::", skip_header=False)
     meta: dict[str, ItemMeta] = {}
+    lines: dict[str, int] = {}
     movie_file = folder / "movies.dat"
     if movie_file.exists():
         with open(movie_file, encoding="latin-1") as handle:
@@ -236,7 +270,8 @@ def _read_raw_1m(name: str, folder: Path) -> RawInteractions:
                         f"{movie_file}, line {line_number}: expected 'id::title::genres', got {line.strip()!r}"
                     )
                 title, year = _title_and_year(parts[1])
-                meta[parts[0].strip()] = ItemMeta(title, year, [g for g in parts[2].split("|") if g])
+                _add_item(meta, lines, parts[0].strip(), ItemMeta(title, year, [g for g in parts[2].split("|") if g]),
+                          movie_file, line_number)
     return RawInteractions(name, f"GroupLens raw files in {folder}", users, items, stamps, meta)
 
 
@@ -249,6 +284,7 @@ def _read_atomic(name: str, inter_file: Path) -> RawInteractions:
         raise DataFormatError(f"{inter_file}, line 1: expected columns {expected}, got {columns}")
     users, items, stamps = _parse_interactions(inter_file, "\t", skip_header=True)
     meta: dict[str, ItemMeta] = {}
+    lines: dict[str, int] = {}
     item_file = inter_file.with_suffix(".item")
     if item_file.exists():
         with open(item_file, encoding="latin-1") as handle:
@@ -268,5 +304,5 @@ def _read_atomic(name: str, inter_file: Path) -> RawInteractions:
                 if row.get("release_year", "").strip().isdigit():
                     year = int(row["release_year"])
                 genres = row.get("class", row.get("genre", "")).split()
-                meta[row["item_id"].strip()] = ItemMeta(title, year, genres)
+                _add_item(meta, lines, row["item_id"].strip(), ItemMeta(title, year, genres), item_file, line_number)
     return RawInteractions(name, f"RecBole atomic files in {inter_file.parent}", users, items, stamps, meta)

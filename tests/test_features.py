@@ -211,7 +211,8 @@ def test_load_features_names_what_is_missing(synthetic, tmp_path, smoke_config, 
     assert features.item_image is None and features.item_image_mask is None
     path = json.loads((tmp_path / "run" / "features" / "manifest.json").read_text())["text"]["path"]
     (tmp_path / "cache" / "features" / synthetic.fingerprint / path.split("/")[-1] / "user_text.npy").unlink()
-    with pytest.raises(FeaturesNotFoundError, match="user_text.npy is missing"):
+    with pytest.raises(FeaturesNotFoundError, match=r"user_text.npy is missing.*Rebuild them with `ur4rec features "
+                                                    r"text --config .*/run/config.yaml --run-dir .*/run --force`"):
         load_features(tmp_path / "run", synthetic)
 
 

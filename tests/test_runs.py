@@ -386,6 +386,113 @@ def test_cli_stage3_with_skip_stage2_runs_from_stage1_and_evaluate_reproduces_it
     assert json.loads((run / "stage3/metrics.json").read_text()) == metrics  # evaluate never rewrites it
 
 
+def test_evaluate_checks_the_kept_epochs_history_and_what_only_the_saved_files_hold(cli_config, tmp_path, capsys):
+    config, _ = cli_config
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--stage", "1", "--run-dir", str(run)]) == 0
+    assert main(["train", "--config", str(config), "--stage", "3", "--skip-stage2", "--run-dir", str(run)]) == 0
+    assert main(["evaluate", "--run-dir", str(run), "--stage", "3"]) == 0
+    out = capsys.readouterr().out
+    epoch = info_of(run / "stage3")["epoch"]
+    for checked in ("stage3/checkpoint.json (best value, similarity weights)", f"stage3/internals/gate.json (epoch {epoch})",
+                    f"stage3/valid_ranks_by_epoch.csv (epoch_{epoch})"):
+        assert checked in out, checked
+
+    def edit(stage, name, change):
+        copy = tmp_path / "copy"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(run, copy)
+        path = copy / f"stage{stage}" / name
+        path.write_text(change(path.read_text()))
+        assert main(["evaluate", "--run-dir", str(copy), "--stage", str(stage)]) == 1
+        return capsys.readouterr().err
+
+    def in_json(change):
+        def apply(text):
+            payload = json.loads(text)
+            change(payload)
+            return json.dumps(payload)
+        return apply
+
+    def log_line(text):  # stage 1's kept epoch always has its line
+        kept = info_of(run / "stage1")["epoch"]
+        lines = [json.loads(line) for line in text.splitlines()]
+        next(r for r in lines if r["epoch"] == kept)["valid"]["full"]["ndcg@10"] += 0.01
+        return "\n".join(json.dumps(r) for r in lines) + "\n"
+
+    def column(text):
+        rows = [line.split(",") for line in text.splitlines()]
+        at = rows[0].index(f"epoch_{epoch}")
+        rows[1][at] = str(int(rows[1][at]) + 1)
+        return "\n".join(",".join(r) for r in rows) + "\n"
+
+    def gate(payload):
+        next(e for e in payload["gate"] if e["epoch"] == epoch)["gate"] += 1e-3
+
+    def nudge(payload):
+        payload["best"]["value"] += 0.01
+
+    def weight(payload):
+        payload["similarity_weights"]["text"] += 0.1
+
+    def extra(payload):
+        payload["test"]["full"]["hr@50"] = 0.99
+
+    def text_value(payload):
+        payload["valid"]["full"]["mrr"] = str(payload["valid"]["full"]["mrr"])
+
+    for stage, name, change, message in (
+            (3, "checkpoint.json", in_json(nudge), "stage3/checkpoint.json: best value: saved"),
+            (3, "checkpoint.json", in_json(weight), "stage3/checkpoint.json: similarity_weights/text: saved"),
+            (1, "log.jsonl", log_line, "valid/full/ndcg@10: saved"),
+            (3, "valid_ranks_by_epoch.csv", column, f"epoch_{epoch} differs from the validation ranks now at 1 rows"),
+            (3, "internals/gate.json", in_json(gate), f"stage3/internals/gate.json: epoch {epoch} gate: saved"),
+            (3, "metrics.json", in_json(extra), "test/full/hr@50: in metrics.json but not recomputed"),
+            (3, "metrics.json", in_json(text_value), "valid/full/mrr: saved '0."),
+            (1, "test_ranks.csv", lambda t: t.replace("\n", ".000009\n", 2).replace(".000009\n", "\n", 1), "rank_sampled saved"),
+            (1, "test_ranks.csv", lambda t: "\n".join([t.splitlines()[0], ",".join(t.splitlines()[1].split(",")[:2])]
+                                                      + t.splitlines()[2:]) + "\n", "line 2: 2 cells saved, the header has 4")):
+        assert message in edit(stage, name, change), (name, message)
+    # a stage that never reached its final evaluation is not reproduced, though the Pop baseline is
+    (run / "stage1/metrics.json").unlink()
+    assert main(["evaluate", "--run-dir", str(run), "--stage", "1"]) == 1
+    assert "stage1 has no metrics.json: the stage stopped before its final evaluation" in capsys.readouterr().err
+
+
+def test_cli_train_refused_or_failing_leaves_the_runs_config_and_skip_stage2_is_only_for_stage3(
+        cli_config, tmp_path, capsys):
+    config, built = cli_config
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--stage", "1", "--run-dir", str(run)]) == 0
+    before = (run / "config.yaml").read_text()
+    assert main(["train", "--config", str(config), "--stage", "3", "--run-dir", str(run), "--set", "train.seed=9"]) == 2
+    assert main(["train", "--config", str(config), "--stage", "2", "--run-dir", str(run),
+                 "--set", "model.hidden_size=32"]) == 2  # Stage 1's weights do not fit
+    assert "did not load" in capsys.readouterr().err and (run / "config.yaml").read_text() == before
+    for chosen in (["--stages", "1,2,3"], ["--stages", "2,3"], ["--stage", "1"]):
+        assert main(["train", "--config", str(config), *chosen, "--skip-stage2", "--run-dir", str(run)]) == 2
+        assert "--skip-stage2 trains Stage 3 straight from Stage 1" in capsys.readouterr().err
+    assert not (run / "stage2").exists() and (run / "config.yaml").read_text() == before
+    assert main(["train", "--config", str(config), "--stage", "3", "--skip-stage2", "--run-dir", str(run),
+                 "--set", "train.seed=9"]) == 0  # a stage that trains makes its config the run's
+    assert "seed: 9" in (run / "config.yaml").read_text()
+
+
+def test_a_stage_stopped_in_its_final_evaluation_is_unfinished(setup, stage1, tmp_path, monkeypatch):
+    config, dataset, features = setup
+    run = tmp_path / "run"
+    shutil.copytree(stage1, run / "stage1")
+    (run / "data.json").write_text("{}")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "write_internals", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(config, dataset, features, run, 2)
+    assert not (run / "stage2/metrics.json").exists()  # so a rerun starts it over and keeps no half-written stage
+
+
 def test_cli_train_refuses_a_later_stage_without_its_predecessor_before_building_features(
         cli_config, tmp_path, capsys):
     config, built = cli_config
@@ -448,3 +555,21 @@ def test_compare_outputs_holds_ranks_and_ids_exactly_and_decimals_to_the_toleran
     ]
     (fresh / "internals/a.csv").write_text("user_id,item_id,rank\n")
     assert compare_outputs(saved, fresh)[2][0].startswith("internals/a.csv: header ['user_id', 'item_id', 'rank', 'weight']")
+
+
+def test_a_stopped_ablation_rerun_keeps_no_row_for_the_variant_it_was_retraining(setup, stage1, tmp_path, monkeypatch):
+    from ur4rec.training import ablate
+
+    config, dataset, features = setup
+    run = tmp_path / "run"
+    shutil.copytree(stage1, run / "stage1")
+    ablate.run_ablations(config, dataset, features, run, ["gate_off", "skip_stage2"])
+    assert [row["variant"] for row in csv.DictReader(open(run / "ablations.csv"))] == ["gate_off", "skip_stage2"]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablate, "train_stage", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        ablate.run_ablations(config, dataset, features, run, ["gate_off"])
+    assert [row["variant"] for row in csv.DictReader(open(run / "ablations.csv"))] == ["skip_stage2"]

@@ -136,8 +136,12 @@ def _stages(args) -> list[int]:
             raise ValueError(f"--stages {args.stages!r}: expected comma-separated stage numbers, e.g. 1,2,3") from None
         if any(stage not in (1, 2, 3) for stage in stages) or stages != sorted(stages):
             raise ValueError(f"--stages {args.stages!r}: stages are 1, 2, 3 in increasing order")
-        return stages
-    return [args.stage or 1]
+    else:
+        stages = [args.stage or 1]
+    if args.skip_stage2 and (2 in stages or 3 not in stages):
+        raise ValueError("--skip-stage2 trains Stage 3 straight from Stage 1: use it with --stage 3 or --stages 1,3, "
+                         "not with Stage 2 in the list")
+    return stages
 
 
 def write_pop_baseline(run_dir: Path, dataset, config: Config) -> dict:
@@ -209,7 +213,7 @@ def command_ablate(args) -> int:
 
 
 def command_evaluate(args) -> int:
-    from ur4rec.reproduce import compare_outputs
+    from ur4rec.reproduce import check_history, compare_outputs
     from ur4rec.training.trainer import evaluate_stage
 
     stage_path = args.run_dir / f"stage{args.stage}"
@@ -220,13 +224,15 @@ def command_evaluate(args) -> int:
         fresh = Path(scratch)  # laid out like the run directory
         if args.stage == 1:
             metrics = evaluate_stage(args.run_dir, dataset, config, stage=1, into=fresh / stage_path.name)
+            state = None
         else:
             from ur4rec.features import load_features
-            from ur4rec.training.stages import evaluate_multimodal_stage
+            from ur4rec.training.stages import evaluate_multimodal_stage, saved_state
 
             features = load_features(args.run_dir, dataset)
             metrics = evaluate_multimodal_stage(args.run_dir, dataset, features, config, args.stage,
                                                 into=fresh / stage_path.name)
+            state = saved_state(stage_path, features, dataset)
         pop = args.run_dir / "baselines" / "pop"
         if (pop / "metrics.json").exists():  # in the table `train` prints, with the config it was computed with
             # (runs made before that config was kept: the run's config.yaml, which `train` wrote with it)
@@ -234,14 +240,18 @@ def command_evaluate(args) -> int:
             write_pop_baseline(fresh, dataset, Config.load(saved))
         print_table({f"stage {args.stage}": metrics["test"]}, "test", config.eval.num_sampled_negatives)
         compared, absent, differences = compare_outputs(args.run_dir, fresh)
+        finished = f"{stage_path.name}/metrics.json" in compared
+        if finished:  # the kept epoch's entries in the training history
+            checked, history_differences = check_history(stage_path, fresh / stage_path.name, state)
+            compared, differences = compared + checked, differences + history_differences
     if absent:
         print(f"not in {args.run_dir}, so not checked: {', '.join(absent)}")
     if differences:
         print(f"{args.run_dir} differs from what its checkpoint gives:\n  " + "\n  ".join(differences), file=sys.stderr)
         return 1
-    if not compared:  # nothing saved to check against: the table above is unverified
-        print(f"{args.run_dir} keeps none of the files a stage writes after training, so nothing was reproduced "
-              f"(a run stopped before its final evaluation? `ur4rec train` it again)", file=sys.stderr)
+    if not finished:  # the stage's own figures were never saved: the table above is unverified
+        print(f"{stage_path} has no metrics.json: the stage stopped before its final evaluation, so nothing of it "
+              f"was reproduced (`ur4rec train` it again)", file=sys.stderr)
         return 1
     print(f"reproduced {args.run_dir}: every metric matches, and every value in {', '.join(compared)}")
     return 0

@@ -7,10 +7,12 @@ Everything a stage writes after training is a function of its best checkpoint an
 into a scratch folder laid out like the run directory, with the same code, and compares file by
 file with :func:`compare_outputs`, so every number the run directory holds can be recomputed
 from what it saved. The training history (``log.jsonl``, ``valid_ranks_by_epoch.csv``,
-``internals/gate.json``) records epochs whose weights are gone, so it is not recomputed.
+``internals/gate.json``) records epochs whose weights are gone, so only its entries for the kept
+epoch are checked (:func:`check_history`), with ``checkpoint.json``'s best value, gate and
+similarity weights.
 
-Tolerances: metrics relative 1e-6; CSV numbers (written rounded to 6 decimals) and attention
-weights absolute 1e-5; ids, ranks and integer arrays exactly.
+Tolerances: metrics, gate and similarity weights relative 1e-6; CSV numbers (written rounded to
+6 decimals) and attention weights absolute 1e-5; ids, ranks and integer arrays exactly.
 """
 
 from __future__ import annotations
@@ -63,16 +65,29 @@ def _compare_metrics(saved_path: Path, fresh_path: Path) -> list[str]:
     except RunDirError as error:
         return [str(error)]
     fresh = json.loads(fresh_path.read_text())
-    differences = []
-    for split in fresh:
-        for protocol in fresh[split]:
-            for name, value in fresh[split][protocol].items():
-                old = saved.get(split, {}).get(protocol, {}).get(name)
-                if old is None:
-                    differences.append(f"{split}/{protocol}/{name}: missing from {saved_path.name}, now {value}")
-                elif not math.isclose(old, value, rel_tol=1e-6, abs_tol=1e-9):
-                    differences.append(f"{split}/{protocol}/{name}: saved {old} vs now {value}")
-    return differences
+    return _compare_nested(saved, fresh, saved_path.name)
+
+
+def _compare_nested(saved, fresh, file: str, path: str = "") -> list[str]:
+    """Every number of the nested dict ``fresh`` against ``saved``; figures only ``saved`` has count
+    too (nothing recomputes them), and so does a saved figure that is not a number."""
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            return [f"{path.rstrip('/') or '(top level)'}: saved {saved!r} where {file} should hold a group of figures"]
+        differences = []
+        for key in fresh:
+            if key in saved:
+                differences += _compare_nested(saved[key], fresh[key], file, f"{path}{key}/")
+            else:
+                differences.append(f"{path}{key}: missing from {file}")
+        differences += [f"{path}{key}: in {file} but not recomputed" for key in saved if key not in fresh]
+        return differences
+    path = path.rstrip("/")
+    if isinstance(saved, bool) or not isinstance(saved, (int, float)):
+        return [f"{path}: saved {saved!r} is not a number, now {fresh}"]
+    if not math.isclose(saved, fresh, rel_tol=1e-6, abs_tol=1e-9):
+        return [f"{path}: saved {saved} vs now {fresh}"]
+    return []
 
 
 def _compare_csv(saved_path: Path, fresh_path: Path, name: str) -> list[str]:
@@ -86,6 +101,9 @@ def _compare_csv(saved_path: Path, fresh_path: Path, name: str) -> list[str]:
     if len(saved) != len(fresh):
         differences.append(f"{name}: {len(saved) - 1} rows saved vs {len(fresh) - 1} now")
     for line, (old_row, new_row) in enumerate(zip(saved[1:], fresh[1:]), start=2):
+        if len(old_row) != len(header):
+            differences.append(f"{name} line {line}: {len(old_row)} cells saved, the header has {len(header)}")
+            continue
         for column, old, new in zip(header, old_row, new_row):
             if old != new and not _close(old, new):
                 differences.append(f"{name} line {line} ({header[0]} {new_row[0]}): {column} saved {old} vs now {new}")
@@ -93,13 +111,15 @@ def _compare_csv(saved_path: Path, fresh_path: Path, name: str) -> list[str]:
 
 
 def _close(old: str, new: str) -> bool:
-    """Two CSV cells that are both decimals (not both integers) within the tolerance."""
+    """Two different CSV cells that still agree: decimals within the tolerance. Where the fresh
+    cell is an integer (ids, ranks, counts) or not a number, only the same text agrees."""
+    if new.lstrip("-").isdigit():
+        return False
     try:
         a, b = float(old), float(new)
     except ValueError:
         return False
-    integers = old.lstrip("-").isdigit() and new.lstrip("-").isdigit()
-    return not integers and math.isclose(a, b, rel_tol=0.0, abs_tol=CSV_TOLERANCE)
+    return math.isclose(a, b, rel_tol=0.0, abs_tol=CSV_TOLERANCE)
 
 
 def _compare_npz(saved_path: Path, fresh_path: Path, name: str) -> list[str]:
@@ -127,3 +147,85 @@ def _shorten(differences: list[str], name: str) -> list[str]:
     if len(differences) <= SHOWN:
         return differences
     return differences[:SHOWN] + [f"{name}: {len(differences) - SHOWN} more differences"]
+
+
+def check_history(saved: Path, fresh: Path, state: dict | None = None) -> tuple[list[str], list[str]]:
+    """The kept epoch's entries in the training history of the stage directory ``saved``, against
+    the fresh evaluation in ``fresh`` (its ``metrics.json`` and ``valid_ranks.csv``) and ``state``
+    (``{"gate": g, "similarity_weights": {source: w}}`` read from the saved weights; None for
+    Stage 1): ``checkpoint.json``'s best value and similarity weights, the epoch's line in
+    ``log.jsonl``, its column of ``valid_ranks_by_epoch.csv`` and its entry in ``internals/gate.json``.
+
+    Returns (what was checked, differences), both naming the file. Stages 2-3 log no line for
+    epoch 0 (the loaded weights, before any training), so a stage that kept it has none to check.
+    """
+    saved, fresh = Path(saved), Path(fresh)
+    stage, state = saved.name, state or {}
+    info = read_json(saved / "checkpoint.json", "the checkpoint description")
+    epoch, metrics = info.get("epoch"), json.loads((fresh / "metrics.json").read_text())
+    checked, differences = [f"{stage}/checkpoint.json (best value)"], []
+    best = info.get("best") or {}
+    try:
+        split, protocol, metric = str(best.get("metric")).split("/")
+        now = metrics[split][protocol][metric]
+    except (ValueError, KeyError):
+        differences.append(f"{stage}/checkpoint.json: best metric {best.get('metric')!r} is not one that is recomputed")
+    else:
+        differences += [f"{stage}/checkpoint.json: best {d}" for d in _compare_nested(best.get("value"), now, "", "value")]
+    if "similarity_weights" in state:
+        checked[-1] = f"{stage}/checkpoint.json (best value, similarity weights)"
+        differences += [f"{stage}/checkpoint.json: {d}" for d in _compare_nested(
+            info.get("similarity_weights"), state["similarity_weights"], "checkpoint.json", "similarity_weights/")]
+
+    log = saved / "log.jsonl"
+    records = []
+    if log.exists():
+        for number, line in enumerate(log.read_text().splitlines(), start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                differences.append(f"{stage}/log.jsonl line {number}: not valid JSON")
+    record = next((r for r in records if isinstance(r, dict) and r.get("epoch") == epoch), None)
+    if record is not None:
+        checked.append(f"{stage}/log.jsonl (epoch {epoch})")
+        logged = {"valid": record.get("valid")}
+        expected = {"valid": metrics["valid"]}
+        for key in ("gate", "similarity_weights"):
+            if key in state:
+                logged[key], expected[key] = record.get(key), state[key]
+        differences += [f"{stage}/log.jsonl epoch {epoch}: {d}" for d in _compare_nested(logged, expected, "its line")]
+    elif log.exists() and not (epoch == 0 and info.get("stage", 1) > 1):
+        differences.append(f"{stage}/log.jsonl: no line for the kept epoch {epoch}")
+
+    by_epoch = saved / "valid_ranks_by_epoch.csv"
+    if by_epoch.exists():
+        with open(by_epoch, newline="") as handle:
+            rows = list(csv.reader(handle))
+        with open(fresh / "valid_ranks.csv", newline="") as handle:
+            ranks = list(csv.reader(handle))
+        column = f"epoch_{epoch}"
+        if not rows or column not in rows[0]:
+            differences.append(f"{stage}/valid_ranks_by_epoch.csv: no column {column}, the kept epoch")
+        else:
+            checked.append(f"{stage}/valid_ranks_by_epoch.csv ({column})")
+            at = rows[0].index(column)
+            kept = [[row[0], row[1], row[at]] if len(row) > at else row for row in rows[1:]]
+            now = [row[:3] for row in ranks[1:]]  # user_id, target_item, rank_full
+            if len(kept) != len(now):
+                differences.append(f"{stage}/valid_ranks_by_epoch.csv: {len(kept)} rows saved vs {len(now)} now")
+            wrong = [line for line, (old, new) in enumerate(zip(kept, now), start=2) if old != new]
+            if wrong:
+                differences.append(f"{stage}/valid_ranks_by_epoch.csv: {column} differs from the validation ranks "
+                                   f"now at {len(wrong)} rows (first: line {wrong[0]})")
+
+    gates = saved / "internals" / "gate.json"
+    if "gate" in state and gates.exists():
+        history = read_json(gates, "the gate history").get("gate", [])
+        entry = next((e for e in history if isinstance(e, dict) and e.get("epoch") == epoch), None)
+        if entry is None:
+            differences.append(f"{stage}/internals/gate.json: no entry for the kept epoch {epoch}")
+        else:
+            checked.append(f"{stage}/internals/gate.json (epoch {epoch})")
+            differences += [f"{stage}/internals/gate.json: epoch {epoch} {d}"
+                            for d in _compare_nested(entry.get("gate"), state["gate"], "", "gate")]
+    return checked, differences

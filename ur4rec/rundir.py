@@ -2,7 +2,7 @@
 
 ::
 
-    RUN/config.yaml                  resolved config
+    RUN/config.yaml                  resolved config of the newest stage trained
     RUN/data.json                    dataset name, fingerprint, counts, split rule
     RUN/stageN/model.safetensors     weights of the best validation epoch
     RUN/stageN/checkpoint.json       config, stage, epoch, best metric, fingerprint, versions
@@ -40,8 +40,8 @@ def stage_dir(run_dir: Path, stage: int) -> Path:
     return Path(run_dir) / f"stage{stage}"
 
 
-def start_stage(run_dir: Path, stage: int) -> Path:
-    """The empty ``RUN/stageN/`` a training run writes into.
+def start_stage(run_dir: Path, stage: int, config: Config) -> Path:
+    """The empty ``RUN/stageN/`` a training run writes into; ``RUN/config.yaml`` becomes ``config``.
 
     A finished stage (one with ``metrics.json``) is not overwritten: it moves to
     ``stageN.prev/`` (replacing an older one), and so do the later stages, which were built from
@@ -49,6 +49,9 @@ def start_stage(run_dir: Path, stage: int) -> Path:
     is stopped, loses no finished stage. An unfinished stage (a run that stopped before its final
     evaluation) is what the new run starts over, so it is removed instead: ``.prev`` always holds
     the last finished one.
+
+    ``config.yaml`` is written here, once a stage is about to train, so a command refused
+    before that (a missing Stage 2, a checkpoint that does not fit the config) leaves it as it was.
     """
     kept, dropped = [], []
     for later in range(stage, 4):
@@ -71,11 +74,13 @@ def start_stage(run_dir: Path, stage: int) -> Path:
               file=sys.stderr)
     out = stage_dir(run_dir, stage)
     out.mkdir(parents=True, exist_ok=True)
+    config.save(Path(run_dir) / "config.yaml")
     return out
 
 
 def prepare_run(run_dir: Path, config: Config, dataset: SequenceDataset) -> Path:
-    """Create ``run_dir`` and write config.yaml and data.json; refuse another dataset's run."""
+    """Create ``run_dir`` and write data.json (and config.yaml when the run has none yet: later it
+    is the config of the newest stage trained, :func:`start_stage`); refuse another dataset's run."""
     run_dir = Path(run_dir)
     data_file = run_dir / "data.json"
     if data_file.exists():
@@ -86,7 +91,8 @@ def prepare_run(run_dir: Path, config: Config, dataset: SequenceDataset) -> Path
                 "use a new --run-dir"
             )
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.yaml")
+    if not (run_dir / "config.yaml").exists():
+        config.save(run_dir / "config.yaml")
     write_json(data_file, dataset.summary())
     return run_dir
 

@@ -172,9 +172,16 @@ def load_features(run_dir: Path, dataset: SequenceDataset) -> FeatureSet:
     if not manifest.get("text"):
         raise FeaturesNotFoundError(f"{run_dir}/features/manifest.json has no text features; "
                                     f"run `ur4rec features text --run-dir {run_dir}`")
-    arrays = load_arrays(Path(manifest["text"]["path"]), TEXT_ARRAYS)
-    if manifest.get("image"):
-        arrays.update(load_arrays(Path(manifest["image"]["path"]), IMAGE_ARRAYS))
+    try:
+        arrays = load_arrays(Path(manifest["text"]["path"]), TEXT_ARRAYS)
+        if manifest.get("image"):
+            arrays.update(load_arrays(Path(manifest["image"]["path"]), IMAGE_ARRAYS))
+    except FeaturesNotFoundError as error:  # the arrays live in the feature cache, outside the run directory
+        raise FeaturesNotFoundError(
+            f"{error}: {run_dir}/features/manifest.json points into the feature cache, which no longer holds "
+            f"them. Rebuild them with `ur4rec features text --config {run_dir}/config.yaml --run-dir {run_dir} "
+            "--force` (and `features image` if the run had images); each stage's checkpoint.json records the "
+            "features' fingerprint, so loading checks they came out the same") from None
     expected = {"item_text": dataset.n_items + 1, "item_text_mask": dataset.n_items + 1,
                 "user_text": dataset.n_users, "user_text_mask": dataset.n_users,
                 "item_image": dataset.n_items + 1, "item_image_mask": dataset.n_items + 1}

@@ -6,7 +6,8 @@ Stages 2 and 3 into ``RUN/ablations/<variant>/`` and is evaluated in the same ha
 ``RUN/ablations.csv`` gets one row per variant with validation and test metrics and the hash of
 the Stage-1 weights it started from. A later run of some variants (``only``) replaces their
 rows and keeps the others that started from the same Stage 1; rows from another Stage 1 are
-dropped with a warning.
+dropped with a warning. A variant's row is removed when it starts training again and written
+back when it finishes, so a stopped run leaves no row that its stages no longer back.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def run_ablations(config: Config, dataset: SequenceDataset, features, run_dir: P
     for name, (overrides, skip_stage2) in select_variants(config, only).items():
         variant_config = config.override(overrides) if overrides else config
         variant_dir = run_dir / "ablations" / name
+        forget_row(table, name)  # until it finishes again: a stopped variant keeps no row its stages no longer back
         prepare_run(variant_dir, variant_config, dataset)
         shutil.copytree(stage1, stage_dir(variant_dir, 1), dirs_exist_ok=True)
         if (run_dir / "features").is_dir():  # which feature sets it used: `ur4rec evaluate` on the variant needs them
@@ -82,6 +84,20 @@ def run_ablations(config: Config, dataset: SequenceDataset, features, run_dir: P
         rows.append(row)
         write_rows(table, rows, order)
     return rows
+
+
+def forget_row(path: Path, variant: str) -> None:
+    """Remove ``variant``'s row from the table at ``path``, if it has one."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, old = reader.fieldnames, list(reader)
+    if fields and any(row["variant"] == variant for row in old):
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(row for row in old if row["variant"] != variant)
 
 
 def write_rows(path: Path, rows: list[dict], order: list[str]) -> None:

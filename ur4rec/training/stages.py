@@ -539,6 +539,17 @@ def _gate_value(model: UR4Rec) -> float:
     return float(model.gate.value.detach().float().mean())
 
 
+def saved_state(stage_directory: Path, features, dataset: SequenceDataset) -> dict:
+    """The gate value and the similarity weights of a stage's saved weights, as its training
+    history records them for the kept epoch (``ur4rec evaluate`` checks that they agree)."""
+    model, _ = load_stage_model(stage_directory, features, dataset)
+    state = {"gate": _gate_value(model)}
+    if hasattr(model, "similarity"):
+        state["similarity_weights"] = {name: float(value) for name, value in
+                                       zip(model.similarity.sources, model.similarity.weight.detach())}
+    return state
+
+
 def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Path, stage: int,
                 skip_stage2: bool = False) -> StageResult:
     """Train ``stage`` (1, 2 or 3) to early stopping and write ``RUN/stageN/`` (see the module docstring)."""
@@ -553,7 +564,7 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
     generator = torch.Generator(device=device).manual_seed(config.train.seed)
     model = build_ur4rec(config, dataset, features)
     report = load_stage_weights(model, previous, spec)
-    out = start_stage(run_dir, stage)
+    out = start_stage(run_dir, stage, config)
     log_path = out / "log.jsonl"
     model.to(device)
     trainable = apply_stage(model, spec)
@@ -645,6 +656,7 @@ def evaluate_multimodal_stage(run_dir: Path, dataset: SequenceDataset, features,
     given: ``ur4rec evaluate`` writes elsewhere and compares, :mod:`ur4rec.reproduce`)."""
     out = stage_dir(run_dir, stage)
     into = out if into is None else Path(into)
+    into.mkdir(parents=True, exist_ok=True)
     model, _ = load_stage_model(out, features, dataset)
     device = config.train.device
     model.to(device)
@@ -654,11 +666,11 @@ def evaluate_multimodal_stage(run_dir: Path, dataset: SequenceDataset, features,
         inputs = build_eval_inputs(dataset, split, config.data.max_len, negatives)
         results[split] = (inputs, evaluate(model, inputs, config.eval, device))
         metrics[split] = results[split][1].metrics
-    write_json(into / "metrics.json", metrics)
     for split, (_, result) in results.items():
         write_ranks(into / f"{split}_ranks.csv", dataset, split, result.rank_full, result.rank_sampled)
     inputs, test = results["test"]
     write_internals(into / "internals", model, dataset, inputs, test.rank_full, config)
+    write_json(into / "metrics.json", metrics)  # last: it marks the stage finished (rundir.start_stage)
     return metrics
 
 

@@ -182,7 +182,7 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
     model = build_model(config, dataset.n_items).to(config.train.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.learning_rate,
                                   weight_decay=config.train.weight_decay)
-    out = start_stage(run_dir, 1)
+    out = start_stage(run_dir, 1, config)
     log_path = out / "log.jsonl"
     fixed_windows = None if config.train.shuffle_ties else training_windows(dataset, config.data.max_len)
     negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
@@ -241,6 +241,7 @@ def evaluate_stage(run_dir: Path, dataset: SequenceDataset, config: Config, stag
     ``ur4rec evaluate`` writes elsewhere and compares, :mod:`ur4rec.reproduce`)."""
     out = stage_dir(run_dir, stage)
     into = out if into is None else Path(into)
+    into.mkdir(parents=True, exist_ok=True)
     model, _ = load_model(out, fingerprint=dataset.fingerprint)
     model.to(config.train.device)
     negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
@@ -249,7 +250,7 @@ def evaluate_stage(run_dir: Path, dataset: SequenceDataset, config: Config, stag
         inputs: EvalInputs = build_eval_inputs(dataset, split, config.data.max_len, negatives)
         results[split] = evaluate(model, inputs, config.eval, config.train.device)
         metrics[split] = results[split].metrics
-    write_json(into / "metrics.json", metrics)
     for split, result in results.items():
         write_ranks(into / f"{split}_ranks.csv", dataset, split, result.rank_full, result.rank_sampled)
+    write_json(into / "metrics.json", metrics)  # last: it marks the stage finished (rundir.start_stage)
     return metrics

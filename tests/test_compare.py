@@ -43,6 +43,9 @@ def test_compare_command_prints_the_table_and_names_a_missing_file(tmp_path, cap
     out = capsys.readouterr().out
     difference = np.mean([0.0, 1 - 1 / 2, 1 / 3 - 1 / 30])
     assert f"{difference:+.4f}" in out.splitlines()[2]
+    assert main(["compare", "--base", str(base), "--variant", str(base), "--metrics", "mrr"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]  # a run against itself: no spread, so no ratio (not nan)
+    assert rows and all(row.split()[-2:] == ["0.0000", "-"] for row in rows if row.split()[0] in ("valid", "test"))
     (variant / "valid_ranks.csv").unlink()
     assert main(["compare", "--base", str(base), "--variant", str(variant)]) == 2
     assert "valid_ranks.csv does not exist" in capsys.readouterr().err

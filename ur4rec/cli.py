@@ -265,9 +265,10 @@ def command_compare(args) -> int:
           f"averaged over a side's runs, then differenced (full ranking, {rows[0]['users']} users)")
     print(f"{'split':<8} {'metric':<8} {'base':>8} {'variant':>8} {'difference':>11} {'paired SE':>10} {'diff/SE':>8}")
     for row in rows:
-        ratio = row["difference"] / row["standard_error"] if row["standard_error"] > 0 else float("nan")
+        # no spread over users (identical runs): no ratio to show
+        ratio = f"{row['difference'] / row['standard_error']:>8.1f}" if row["standard_error"] > 0 else f"{'-':>8}"
         print(f"{row['split']:<8} {row['metric']:<8} {row['base']:>8.4f} {row['variant']:>8.4f} "
-              f"{row['difference']:>+11.4f} {row['standard_error']:>10.4f} {ratio:>8.1f}")
+              f"{row['difference']:>+11.4f} {row['standard_error']:>10.4f} {ratio}")
     if any(row["split"] == "valid-oh" for row in rows):
         print("valid-oh: validation at the epoch chosen on the other half of the users (50 random halvings), "
               "which the choice of epoch cannot flatter")

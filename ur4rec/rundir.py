@@ -14,6 +14,8 @@
     RUN/stageN.prev/                 the stage as it was before the last run that retrained it (see start_stage)
     RUN/baselines/pop/metrics.json   the Pop baseline in the same harness
     RUN/baselines/pop/config.yaml    the config it was computed with
+    RUN/stageN/internals/            Stages 2-3: router weights, score contributions, gate per epoch, attention maps
+    RUN/ablations.csv                one row per ablation variant (``ur4rec ablate``), RUN/ablations/<variant>/ its run
 """
 
 from __future__ import annotations

@@ -87,12 +87,19 @@ def test_overrides_are_type_checked_and_name_what_is_wrong():
     ("data.path=", "data.path is empty"),
     ("moe.novelty_threshold=1.0", "moe.novelty_threshold must be in \\[0, 1\\)"),
     ("moe.novelty_threshold=-0.1", "moe.novelty_threshold must be in \\[0, 1\\)"),
+    ("moe.short_term_size=-1", "moe.short_term_size must be 0 or more"),
+    ("moe.long_term_capacity=-2", "moe.long_term_capacity must be 0 or more"),
+    ("moe.retrieval_top_k=-1", "moe.retrieval_top_k must be 0 or more"),
+    ("moe.gate_init=0", "moe.gate_init must be a non-zero number"),
+    ("moe.gate_init=.nan", "moe.gate_init must be a non-zero number"),
 ])
 def test_values_the_code_cannot_use_are_refused_by_name(override, message):
     with pytest.raises(ConfigError, match=message):
         Config().override(["train.loss=ce", override])
 
 
+def test_a_zero_gate_init_is_fine_with_the_gate_off():
+    assert Config().override(["moe.gate=none", "moe.gate_init=0"]).moe.gate_init == 0
 
 def test_a_device_torch_cannot_use_here_is_named(smoke_config, tmp_path):
     import torch

@@ -76,3 +76,23 @@ def test_popularity_counts_train_parts_only():
     dataset = tiny([[1, 2, 3, 4], [1, 3, 2, 4]], 4)  # train parts [1, 2] and [1, 3]; 3, 4 and 2, 4 held out
     assert dataset.train_item_counts().tolist() == [0, 2, 1, 1, 0]
     assert Popularity(dataset).scores.tolist() == [0, 2, 1, 1, 0]
+
+
+def test_evaluation_puts_every_submodule_back_in_its_own_mode():
+    # a stage keeps its frozen groups in eval mode (no dropout) while the rest trains;
+    # model.train() after evaluating would switch their dropout back on
+    class Scorer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen, self.trained = torch.nn.Dropout(0.5), torch.nn.Dropout(0.5)
+            self.scores = torch.tensor([9.0, 10, 9, 5, 4, 8, 1])
+
+        def score_all(self, users, input_ids):
+            assert not self.training and not self.frozen.training and not self.trained.training
+            return self.scores.expand(len(users), -1)
+
+    model = Scorer().train()
+    model.frozen.eval()
+    inputs = build_eval_inputs(tiny([[1, 2, 3, 4]], 6), "valid", 5, NO_NEGATIVES)
+    evaluate(model, inputs, EvalConfig(ks=[1], num_sampled_negatives=0))
+    assert (model.training, model.frozen.training, model.trained.training) == (True, False, True)

@@ -573,3 +573,36 @@ def test_a_stopped_ablation_rerun_keeps_no_row_for_the_variant_it_was_retraining
     with pytest.raises(KeyboardInterrupt):
         ablate.run_ablations(config, dataset, features, run, ["gate_off"])
     assert [row["variant"] for row in csv.DictReader(open(run / "ablations.csv"))] == ["skip_stage2"]
+
+
+def test_similarity_weights_are_fitted_to_the_optimum_from_wherever_they_start(setup, stage1, tmp_path, monkeypatch):
+    # each validation refits from the previous weights; in float32 L-BFGS could stop there with
+    # a gradient left (2e-5 above the optimum's loss on this run), keeping stale weights
+    import torch.nn.functional as F
+
+    config, dataset, features = setup
+    shutil.copytree(stage1, tmp_path / "stage1")
+    calls, real = [], stages.fit_similarity_weights
+
+    def spy(base, terms, targets, initial):
+        calls.append((base, terms, targets, initial.detach().clone(), real(base, terms, targets, initial)))
+        return calls[-1][-1]
+
+    monkeypatch.setattr(stages, "fit_similarity_weights", spy)
+    train_stage(config.override(["moe.backbone_lr_scale=1.0"]), dataset, features, tmp_path, 3, skip_stage2=True)
+    assert len(calls) >= 3
+    for base, terms, targets, start, fitted in calls:
+        def loss(weight, base=base, terms=terms, targets=targets):
+            return F.cross_entropy(base.double() + torch.einsum("k,bkv->bv", weight.double(), terms.double()), targets)
+
+        best = start.double().clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS([best], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                      line_search_fn="strong_wolfe")
+        optimizer.step(lambda optimizer=optimizer, best=best, loss=loss: _backward(optimizer, loss(best)))
+        assert loss(fitted).item() <= loss(best.detach()).item() + 1e-7, start.tolist()
+
+
+def _backward(optimizer, value):
+    optimizer.zero_grad()
+    value.backward()
+    return value

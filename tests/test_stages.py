@@ -532,9 +532,10 @@ def test_in_batch_and_full_training_losses_against_a_direct_computation(setup):
 # --------------------------------------------------------------------------- training rows (audit of 2026-11-25)
 
 
-def test_no_train_item_of_the_rows_user_is_a_hard_negative(setup, monkeypatch):
+def test_no_train_item_of_the_rows_user_is_a_negative(setup, monkeypatch):
     # a window holds at most max_len of the user's train items: the others (earlier ones, and the
-    # ones the user rates later) are no negatives full ranking asks the model to beat
+    # ones the user rates later) are no negatives full ranking asks the model to beat, whether
+    # they come as hard negatives or as uniform draws
     config, dataset, features = setup
     model = build_ur4rec(config, dataset, features).eval()
     seen = {}
@@ -551,13 +552,18 @@ def test_no_train_item_of_the_rows_user_is_a_hard_negative(setup, monkeypatch):
     hard = min(config.moe.hard_negatives, model.n_items)
     row_batch = torch.arange(len(y))[:, None].expand_as(y)[y > 0]
     assert torch.equal(candidates[:, 0], y[y > 0])  # the target first
-    outside = 0
+    outside = drawn_own = 0
     for row, window in enumerate(row_batch.tolist()):
         negatives = set(candidates[row, 1:1 + hard][~left_out[row, 1:1 + hard]].tolist())
         train = set(dataset.train_sequence(int(users[window])).tolist())
         assert negatives and not negatives & train, row
         outside += len(train - set(torch.cat([x[window], y[window]]).tolist()))
+        uniform = candidates[row, 1 + hard:]
+        assert len(uniform) == config.moe.num_negatives
+        assert not set(uniform[~left_out[row, 1 + hard:]].tolist()) & train, row
+        drawn_own += sum(item in train for item in uniform.tolist())
     assert outside > 0  # the case that matters: train items outside the row's window
+    assert drawn_own > 0  # and uniform draws that hit the user's own items
 
 
 @pytest.mark.parametrize("seed", [0, 1])

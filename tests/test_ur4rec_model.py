@@ -339,7 +339,7 @@ def test_a_memory_experts_values_train_the_alignment_projection(expert, projecti
 
 
 def test_memory_writes_novel_items_only():
-    memory = LocalMemory(short_term_size=3, long_term_capacity=4, novelty_threshold=0.3)
+    memory = LocalMemory(long_term_capacity=4, novelty_threshold=0.3)
     a, b, near_a = np.array([1.0, 0.0]), np.array([0.0, 1.0]), unit(np.array([[1.0, 0.1]]))[0]
     assert memory.write(1, a) is True  # empty store: novel
     assert memory.write(1, a) is False  # a duplicate
@@ -349,12 +349,10 @@ def test_memory_writes_novel_items_only():
     assert memory.long_term[0].crf > 2.0  # item 1 was accessed again twice
     # no feature: identity decides
     assert memory.write(7, np.zeros(2)) is True and memory.write(7, np.zeros(2)) is False
-    # the short-term tier is a FIFO of every item
-    assert [item for item, _ in memory.short_term] == [3, 7, 7]
 
 
 def test_memory_capacity_and_eviction_by_recency_and_frequency():
-    memory = LocalMemory(short_term_size=10, long_term_capacity=2, novelty_threshold=0.5, half_life=10.0)
+    memory = LocalMemory(long_term_capacity=2, novelty_threshold=0.5, half_life=10.0)
     a, b, c, d = np.eye(4)
     memory.write(1, a, time=0)
     memory.write(2, b, time=1)
@@ -369,11 +367,11 @@ def test_memory_capacity_and_eviction_by_recency_and_frequency():
 
 
 def test_memory_novelty_threshold_is_inclusive_and_crf_decays_by_the_half_life():
-    memory = LocalMemory(0, 4, novelty_threshold=0.5)
+    memory = LocalMemory(4, novelty_threshold=0.5)
     assert memory.write(1, np.array([1.0, 0.0])) is True
     assert memory.write(2, np.array([0.5, np.sqrt(0.75)])) is False  # cosine 0.5: novelty exactly the threshold
     assert memory.write(3, np.array([0.0, 1.0])) is True  # cosine 0: novelty 1
-    lrfu = LocalMemory(0, 4, 0.3, half_life=10.0)
+    lrfu = LocalMemory(4, 0.3, half_life=10.0)
     lrfu.write(1, np.array([1.0, 0.0]), time=0)
     lrfu.write(1, np.array([1.0, 0.0]), time=10)  # one half-life later: 1 + 1 * 0.5
     assert lrfu.long_term[0].crf == pytest.approx(1.5) and lrfu.long_term[0].last_access == 10
@@ -384,7 +382,7 @@ def test_memory_novelty_threshold_is_inclusive_and_crf_decays_by_the_half_life()
 def test_memory_eviction_ties_go_to_the_least_recently_accessed():
     from ur4rec.models.memory import _Entry
 
-    memory = LocalMemory(0, 2, 0.3, half_life=1.0)  # decay exactly 0.5 per step
+    memory = LocalMemory(2, 0.3, half_life=1.0)  # decay exactly 0.5 per step
     f = np.zeros(2)
     memory.long_term = [_Entry(1, f, 0, last_access=5, crf=0.25), _Entry(2, f, 0, last_access=3, crf=1.0)]
     assert memory._least_valuable(5) == 1  # both worth 0.25 at t = 5: item 2 was accessed longer ago
@@ -422,7 +420,7 @@ def test_a_snapshot_depends_only_on_the_items_before_its_position():
 
 
 def _final_entries(sequence, content):
-    memory = LocalMemory(0, 3, 0.2, half_life=5.0)
+    memory = LocalMemory(3, 0.2, half_life=5.0)
     for position, item in enumerate(sequence):
         memory.write(int(item), content[item], position)
     return [(entry.item, entry.written_at) for entry in memory.long_term]
@@ -443,15 +441,29 @@ def test_memory_is_read_as_of_each_rows_target():
     assert items[:, :W].tolist() == [[0, 0, 0, 9], [3, 4, 5, 6], [0, 0, 0, 0], [0, 0, 0, 0]]
     assert visible[:, :W].tolist() == [[False, False, False, True], [True] * 4, [False] * 4, [False] * 4]
     # long-term tier = the snapshot just before the target's train position
+    # (visible there unless the row's short-term tier holds the item already)
     for row, position in enumerate([0, 2, len(sequence) - 1, None]):
-        assert items[row, W:][visible[row, W:]].tolist() == snapshot(0, position), row
-    assert (visible[:, W:] == (items[:, W:] > 0)).all()
+        assert items[row, W:][items[row, W:] > 0].tolist() == snapshot(0, position), row
+        short = set(items[row, :W].tolist())
+        assert items[row, W:][visible[row, W:]].tolist() == [i for i in snapshot(0, position) if i not in short], row
     evaluation, visible_eval, _ = reader.read(users[:1], recent[:1])
-    assert evaluation[0, W:][visible_eval[0, W:]].tolist() == snapshot(0)
+    assert evaluation[0, W:][visible_eval[0, W:]].tolist() == [i for i in snapshot(0) if i != 9]
     with torch.no_grad():
         reader.recency_bias.copy_(torch.arange(W + 1.0))
     _, _, bias = reader.read(users, recent)
     assert bias[0].tolist() == [3, 2, 1, 0] + [W] * 6  # 0 = the newest item
+
+
+def test_each_item_is_visible_once_in_a_memory_read():
+    model = make_model()  # W = 4, long-term capacity 6
+    reader = model.memory
+    assert reader.short_term_size == 4
+    reader.snapshots = torch.tensor([[5, 7, 2, 0, 0, 0]])  # one user, one snapshot: items 5, 7, 2
+    reader.first, reader.final = torch.tensor([0]), torch.tensor([0])
+    items, visible, _ = reader.read(torch.tensor([0]), torch.tensor([[3, 7, 3, 5]]))  # 3 twice, 7 and 5 in both tiers
+    assert items[0].tolist() == [3, 7, 3, 5, 5, 7, 2, 0, 0, 0]
+    # kept: the newest short-term copy of 3, the short-term 7 and 5, the long-term 2 alone
+    assert visible[0].tolist() == [False, True, True, True, False, False, True, False, False, False]
 
 
 def test_training_rows_read_only_inputs_before_their_target():

@@ -9,6 +9,7 @@ an unknown key anywhere is an error that names the key (the prototype silently d
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -349,7 +350,8 @@ _MINIMA = {
     "train.warmup_epochs": 0, "train.weight_decay": 0, "train.tie_gap": 0, "train.grad_clip": 0,
     "train.patience": 1, "train.eval_every": 1, "train.threads": 0, "eval.num_sampled_negatives": 1,
     "eval.batch_size": 1, "moe.stage_epochs": 0, "moe.semantic_heads": 1, "moe.similarity_window": 1,
-    "moe.eval_chunk_size": 1, "features.batch_size": 1,
+    "moe.eval_chunk_size": 1, "features.batch_size": 1, "moe.short_term_size": 0, "moe.long_term_capacity": 0,
+    "moe.retrieval_top_k": 0,
 }
 
 
@@ -367,6 +369,9 @@ def _check_values(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}")
     if not 0.0 <= config.moe.novelty_threshold < 1.0:  # novelty is 1 - a cosine; an empty memory's is 1
         raise ConfigError(f"{where}: moe.novelty_threshold must be in [0, 1), got {config.moe.novelty_threshold}")
+    if config.moe.gate == "scalar" and (config.moe.gate_init == 0 or not math.isfinite(config.moe.gate_init)):
+        raise ConfigError(f"{where}: moe.gate_init must be a non-zero number (at g = 0 the experts, which act "
+                          f"only through g, get no gradient), got {config.moe.gate_init}")
     if not config.train.learning_rate > 0 or config.train.learning_rate == float("inf"):
         raise ConfigError(f"{where}: train.learning_rate must be a positive number, got {config.train.learning_rate}")
     if config.train.loss != "ce" and config.train.num_negatives < 1:

@@ -15,6 +15,7 @@ Any model with ``score_all(users, input_ids) -> (B, n_items + 1)`` can be evalua
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,27 +106,38 @@ def excluded_items(inputs: EvalInputs, rows, n_columns: int, exclude_seen: bool,
     return excluded
 
 
+@contextmanager
+def eval_mode(model):
+    """``model`` in eval mode inside the block; afterwards every submodule gets its own mode back
+    (``model.train()`` would also switch on dropout in the groups a stage keeps frozen in eval mode)."""
+    modules = list(model.modules()) if hasattr(model, "modules") else []
+    modes = [module.training for module in modules]
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in zip(modules, modes):
+            module.training = mode
+
+
 @torch.no_grad()
 def evaluate(model, inputs: EvalInputs, config: EvalConfig, device: str = "cpu") -> EvalResult:
     """Rank every user's held-out item; metrics are averaged over users."""
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
     rank_full, rank_sampled = [], []
-    for start in range(0, len(inputs.users), config.batch_size):
-        rows = slice(start, start + config.batch_size)
-        users = inputs.users[rows].to(device)
-        scores = model.score_all(users, inputs.input_ids[rows].to(device)).float()  # (B, n_items + 1)
-        if not torch.isfinite(scores).all():
-            raise FloatingPointError(f"non-finite scores while evaluating {inputs.split}")
-        targets = inputs.targets[rows].to(device)
-        excluded = excluded_items(inputs, rows, scores.size(1), config.exclude_seen, targets)
-        target_scores = scores.gather(1, targets[:, None]).squeeze(1)  # (B,)
-        rank_full.append(rank_of_target(scores, target_scores, excluded).cpu())
-        candidate_scores = scores.gather(1, inputs.candidates[rows].to(device))  # (B, 1 + N)
-        rank_sampled.append(rank_of_target(candidate_scores, candidate_scores[:, 0]).cpu())
-    if was_training:
-        model.train()
+    with eval_mode(model):
+        for start in range(0, len(inputs.users), config.batch_size):
+            rows = slice(start, start + config.batch_size)
+            users = inputs.users[rows].to(device)
+            scores = model.score_all(users, inputs.input_ids[rows].to(device)).float()  # (B, n_items + 1)
+            if not torch.isfinite(scores).all():
+                raise FloatingPointError(f"non-finite scores while evaluating {inputs.split}")
+            targets = inputs.targets[rows].to(device)
+            excluded = excluded_items(inputs, rows, scores.size(1), config.exclude_seen, targets)
+            target_scores = scores.gather(1, targets[:, None]).squeeze(1)  # (B,)
+            rank_full.append(rank_of_target(scores, target_scores, excluded).cpu())
+            candidate_scores = scores.gather(1, inputs.candidates[rows].to(device))  # (B, 1 + N)
+            rank_sampled.append(rank_of_target(candidate_scores, candidate_scores[:, 0]).cpu())
     full = torch.cat(rank_full).numpy()
     sampled = torch.cat(rank_sampled).numpy()
     return EvalResult(

@@ -22,7 +22,7 @@ tiers besides, while evaluation rows see a full, unbiased one.
 
 :func:`build_memory` is the pure function that turns every user's train sequence into the
 padded long-term snapshots at every train position; :class:`LocalMemory` holds one user's
-memory with write/read semantics;
+long-term tier with its write semantics;
 :func:`read_entries` retrieves, for each (user, candidate item), the top-K visible entries most
 relevant to the candidate (cosine on the content features; the model falls back to ID
 embeddings for items without any); :class:`MemoryReader` is the model's ``memory`` group:
@@ -31,14 +31,11 @@ the memory tensors as buffers and a learned per-tier bias on the experts' attent
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-
-SHORT_TERM, LONG_TERM = 0, 1
 
 
 def combined_item_features(features) -> np.ndarray:
@@ -70,18 +67,17 @@ class _Entry:
 
 
 class LocalMemory:
-    """One user's two-tier memory. ``write`` every item in time order; ``read`` the entries."""
+    """One user's long-term tier: ``write`` every item in time order, read ``long_term``. (The
+    short-term tier is no state: it is the last W items of a row's input, :class:`MemoryReader`.)"""
 
-    def __init__(self, short_term_size: int, long_term_capacity: int, novelty_threshold: float,
-                 half_life: float = 20.0) -> None:
-        if short_term_size < 0 or long_term_capacity < 0:
+    def __init__(self, long_term_capacity: int, novelty_threshold: float, half_life: float = 20.0) -> None:
+        if long_term_capacity < 0:
             raise ValueError("memory sizes must be >= 0")
         if half_life <= 0:
             raise ValueError(f"memory half-life must be > 0, got {half_life}")
         self.long_term_capacity = long_term_capacity
         self.novelty_threshold = novelty_threshold
         self.decay = 0.5 ** (1.0 / half_life)  # CRF factor per elapsed step
-        self.short_term: deque[tuple[int, int]] = deque(maxlen=short_term_size)  # (item, time)
         self.long_term: list[_Entry] = []
         self.clock = 0
 
@@ -101,10 +97,9 @@ class LocalMemory:
         return 1.0 - float(cosine[best]), best
 
     def write(self, item: int, feature: np.ndarray, time: int | None = None) -> bool:
-        """Append ``item`` to the short-term tier; return True when it was written to long-term."""
+        """Offer ``item`` to the long-term tier; return True when it was written."""
         now = self.clock if time is None else time
         self.clock = now + 1
-        self.short_term.append((item, now))
         if self.long_term_capacity == 0:
             return False
         novelty, nearest = self.novelty(item, feature)
@@ -125,16 +120,6 @@ class LocalMemory:
         values = [(entry.crf * self.decay ** (now - entry.last_access), entry.last_access)
                   for entry in self.long_term]
         return min(range(len(values)), key=values.__getitem__)
-
-    def read(self) -> list[tuple[int, int, int]]:
-        """(item, time, tier) entries: short-term newest first (each item once), then long-term."""
-        entries, seen = [], set()
-        for item, time in reversed(self.short_term):
-            if item not in seen:
-                seen.add(item)
-                entries.append((item, time, SHORT_TERM))
-        entries += [(entry.item, entry.written_at, LONG_TERM) for entry in self.long_term]
-        return entries
 
 
 @dataclass
@@ -171,7 +156,7 @@ def build_memory(train_sequences: list[np.ndarray], item_features: np.ndarray, l
     offsets = np.concatenate([[0], np.cumsum(lengths + 1)])
     items = np.zeros((int(offsets[-1]), long_term_capacity), dtype=np.int64)
     for user, sequence in enumerate(train_sequences):
-        memory = LocalMemory(0, long_term_capacity, novelty_threshold, half_life)
+        memory = LocalMemory(long_term_capacity, novelty_threshold, half_life)
         row = offsets[user]
         for position, item in enumerate(sequence):
             memory.write(int(item), item_features[item], position)
@@ -291,6 +276,9 @@ class MemoryReader(nn.Module):
 
         Slots ``0..W-1`` are the short-term tier (oldest first), the rest long-term: the
         snapshot as of train position ``before`` (None, or past the train part: after it).
+        Each item is visible once: in its newest short-term slot, else its long-term one. (The
+        long-term tier usually holds the latest items too, and a second copy would take a second
+        of the K slots retrieval reads and double the item's attention.)
         """
         W = self.short_term_size
         short = recent[:, max(recent.size(1) - W, 0):] if W else recent[:, :0]  # (N, <= W)
@@ -301,6 +289,11 @@ class MemoryReader(nn.Module):
             rows = torch.minimum(self.first[users] + before.clamp(min=0), rows)
         long_items = self.snapshots[rows]  # (N, L)
         items = torch.cat([short, long_items], 1)  # (N, M)
-        visible = items > 0
+        M = items.size(1)
+        slot = torch.arange(M, device=items.device)
+        preference = torch.where(slot < W, W - 1 - slot, slot)  # lower = kept: newest short-term first
+        earlier = preference[None, :] < preference[:, None]  # (M, M) slot k is preferred to slot j
+        duplicate = ((items[:, :, None] == items[:, None, :]) & earlier).any(-1)  # (N, M)
+        visible = (items > 0) & ~duplicate
         bias = torch.cat([self.recency_bias[:W].flip(0), self.recency_bias[W:].expand(long_items.size(1))])
         return items, visible, bias.expand(len(users), -1)

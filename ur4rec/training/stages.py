@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ur4rec.config import Config
 from ur4rec.data.dataset import SequenceDataset
-from ur4rec.evaluation.evaluate import build_eval_inputs, evaluate, excluded_items, sample_negatives
+from ur4rec.evaluation.evaluate import build_eval_inputs, eval_mode, evaluate, excluded_items, sample_negatives
 from ur4rec.models.losses import (
     UncertaintyWeighting,
     alignment_loss,
@@ -320,7 +320,7 @@ def sampled_candidates(model: UR4Rec, states: torch.Tensor, targets: torch.Tenso
     training, all of the row's user's train items, since a window holds only max_len of them),
     i.e. the items full ranking must beat: it leaves the user's seen items out, and the items the
     user rates later are no negatives. Uniform: ``uniform`` items shared by the batch; copies of
-    the target are left out.
+    the target, and for each row the items ``exclude`` marks, are left out of its softmax.
     """
     N = targets.size(0)
     candidates, left_out = [targets[:, None]], [torch.zeros(N, 1, dtype=torch.bool, device=targets.device)]
@@ -337,7 +337,10 @@ def sampled_candidates(model: UR4Rec, states: torch.Tensor, targets: torch.Tenso
     if uniform > 0:
         negatives = torch.randint(1, model.n_items + 1, (uniform,), generator=generator, device=targets.device)
         candidates.append(negatives[None].expand(N, -1))
-        left_out.append(negatives[None] == targets[:, None])
+        own_items = negatives[None] == targets[:, None]  # (N, K)
+        if exclude is not None:
+            own_items = own_items | exclude[:, negatives]
+        left_out.append(own_items)
     return torch.cat(candidates, 1), torch.cat(left_out, 1)
 
 
@@ -492,7 +495,10 @@ def fit_similarity_weights(base: torch.Tensor, terms: torch.Tensor, targets: tor
                            initial: torch.Tensor) -> torch.Tensor:
     """(S,) weights minimising the cross-entropy of ``targets`` under ``base + w . terms``
     (L-BFGS from ``initial``); inputs as :func:`similarity_fit_inputs` returns them."""
-    weight = initial.detach().float().clone().requires_grad_(True)
+    # float64: in float32 the loss's changes near the optimum fall below L-BFGS's tolerance, and it
+    # could stop where it started (the previous validation's weights) with a gradient left
+    base, terms = base.double(), terms.double()
+    weight = initial.detach().double().clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
 
     def closure():
@@ -503,7 +509,7 @@ def fit_similarity_weights(base: torch.Tensor, terms: torch.Tensor, targets: tor
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return weight.detach()
+    return weight.detach().to(initial.dtype)
 
 
 @torch.no_grad()
@@ -523,15 +529,13 @@ def fit_similarity(model: UR4Rec, inputs, config: Config, max_users: int = 4096)
     if not hasattr(model, "similarity"):
         return {}
     similarity = model.similarity
-    was_training = model.training
-    model.eval()
     users_all = torch.arange(len(inputs.users))
     if len(users_all) > max_users:
         users_all = torch.from_numpy(np.sort(np.random.default_rng(0).choice(len(users_all), max_users, replace=False)))
-    base, terms, targets = similarity_fit_inputs(model, inputs, config, users_all)
+    with eval_mode(model):
+        base, terms, targets = similarity_fit_inputs(model, inputs, config, users_all)
     weight = fit_similarity_weights(base, terms, targets, similarity.weight)
     similarity.weight.copy_(weight)
-    model.train(was_training)
     return {name: float(value) for name, value in zip(similarity.sources, weight)}
 
 

@@ -303,6 +303,15 @@ def test_checkpoint_json_records_the_versions(tmp_path):
     info = info_of(tmp_path)
     assert info["stage"] == 1 and info["versions"]["ur4rec"] == ur4rec.__version__
     assert info["versions"]["torch"] == torch.__version__ and info["versions"]["numpy"] == np.__version__
+    import subprocess
+    from pathlib import Path
+
+    head = subprocess.run(["git", "-C", str(Path(ur4rec.__file__).parent), "rev-parse", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI's clone is one): the commit that wrote it
+        assert info["versions"]["ur4rec_commit"].removesuffix("+modified") == head.stdout.strip()
+    else:
+        assert "ur4rec_commit" not in info["versions"]
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint_whole(tmp_path, monkeypatch):
@@ -453,6 +462,12 @@ def test_evaluate_checks_the_kept_epochs_history_and_what_only_the_saved_files_h
             (1, "test_ranks.csv", lambda t: "\n".join([t.splitlines()[0], ",".join(t.splitlines()[1].split(",")[:2])]
                                                       + t.splitlines()[2:]) + "\n", "line 2: 2 cells saved, the header has 4")):
         assert message in edit(stage, name, change), (name, message)
+    # a difference in a stage another commit of ur4rec wrote names that commit
+    def other_commit(payload):
+        payload["versions"]["ur4rec_commit"] = "0" * 40
+        payload["best"]["value"] += 0.01
+
+    assert f"written by ur4rec commit {'0' * 40}" in edit(3, "checkpoint.json", in_json(other_commit))
     # a stage that never reached its final evaluation is not reproduced, though the Pop baseline is
     (run / "stage1/metrics.json").unlink()
     assert main(["evaluate", "--run-dir", str(run), "--stage", "1"]) == 1

@@ -248,6 +248,13 @@ def command_evaluate(args) -> int:
         print(f"not in {args.run_dir}, so not checked: {', '.join(absent)}")
     if differences:
         print(f"{args.run_dir} differs from what its checkpoint gives:\n  " + "\n  ".join(differences), file=sys.stderr)
+        from ur4rec.training.checkpoint import source_commit
+
+        written_by, now = info.get("versions", {}).get("ur4rec_commit"), source_commit()
+        if written_by and written_by != now:  # a later fix may have changed what these weights score
+            print(f"{stage_path} was written by ur4rec commit {written_by}, and this is {now or 'not a git checkout'}: "
+                  f"`git checkout {written_by.removesuffix('+modified')}` reproduces it if the code is the cause",
+                  file=sys.stderr)
         return 1
     if not finished:  # the stage's own figures were never saved: the table above is unverified
         print(f"{stage_path} has no metrics.json: the stage stopped before its final evaluation, so nothing of it "

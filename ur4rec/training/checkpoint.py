@@ -9,8 +9,10 @@ strictly: a missing or unexpected key is an error.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +31,34 @@ class CheckpointError(RuntimeError):
 
 
 def versions() -> dict[str, str]:
-    return {
+    found = {
         "ur4rec": ur4rec.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
     }
+    commit = source_commit()
+    if commit:
+        found["ur4rec_commit"] = commit
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def source_commit() -> str | None:
+    """The git commit of the ur4rec code in use (``+modified`` when ur4rec/ has uncommitted
+    changes), or None outside a git checkout: what reproduces a checkpoint exactly, since a
+    later fix to the model can change what the same weights score."""
+    package = Path(ur4rec.__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        changes = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."],
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+modified" if changes.stdout.strip() else "")
 
 
 def save_checkpoint(stage_dir: Path, model: torch.nn.Module, info: dict) -> None:

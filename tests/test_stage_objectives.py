@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tiny_run import replace_weights
+from tiny_run import replace_weights, save_stage1
 
 from ur4rec.models.losses import load_balancing_loss
 from ur4rec.rundir import prepare_run
 from ur4rec.training import stages
-from ur4rec.training.checkpoint import save_checkpoint
 from ur4rec.training.stages import (
     STAGES,
     StageLoadError,
@@ -51,17 +50,6 @@ def spy_score_rows(model, monkeypatch):
 
     monkeypatch.setattr(model, "score_rows", spy)
     return seen
-
-
-def save_stage1(setup, folder):
-    """A Stage-1 checkpoint (SASRec weights named like UR4Rec's item_embedding/backbone groups)."""
-    from ur4rec.models.sasrec import SASRec
-
-    config, dataset, _ = setup
-    torch.manual_seed(1)
-    sasrec = SASRec(config.model, dataset.n_items, config.data.max_len)
-    save_checkpoint(folder, sasrec, {"stage": 1, "data_fingerprint": dataset.fingerprint, "config": config.to_dict(),
-                                     "n_items": dataset.n_items})
 
 
 # --------------------------------------------------------------------------- loss terms against a direct computation

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tiny_run import replace_weights
+from tiny_run import replace_weights, save_stage1
 
 from ur4rec.evaluation import build_eval_inputs, evaluate, sample_negatives
 from ur4rec.models.losses import combine_losses
@@ -189,19 +189,6 @@ def test_similarity_weights_are_only_ever_fitted_on_validation_items(setup, thre
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def save_stage1(setup, folder):
-    """A Stage-1 checkpoint: SASRec weights named like UR4Rec's item_embedding/backbone groups."""
-    config, dataset, _ = setup
-    from ur4rec.models.sasrec import SASRec
-    from ur4rec.training.checkpoint import save_checkpoint
-
-    torch.manual_seed(1)
-    sasrec = SASRec(config.model, dataset.n_items, config.data.max_len)
-    save_checkpoint(folder, sasrec, {"stage": 1, "data_fingerprint": dataset.fingerprint, "config": config.to_dict(),
-                                     "n_items": dataset.n_items})
-    return sasrec
 
 
 def test_stage1_groups_load_and_a_missing_group_is_an_error(setup, tmp_path):

@@ -48,3 +48,19 @@ def replace_weights(stage_dir, state):
     info = json.loads(info_path.read_text())
     info["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     info_path.write_text(json.dumps(info))
+
+
+def save_stage1(setup, folder):
+    """A Stage-1 checkpoint: SASRec weights named like UR4Rec's item_embedding/backbone groups."""
+    import torch
+
+    from ur4rec.models.sasrec import SASRec
+    from ur4rec.training.checkpoint import save_checkpoint
+
+    config, dataset, _ = setup
+
+    torch.manual_seed(1)
+    sasrec = SASRec(config.model, dataset.n_items, config.data.max_len)
+    save_checkpoint(folder, sasrec, {"stage": 1, "data_fingerprint": dataset.fingerprint, "config": config.to_dict(),
+                                     "n_items": dataset.n_items})
+    return sasrec

@@ -331,3 +331,19 @@ def test_no_user_left_by_the_filter_names_the_source(tmp_path):
     write_raw_100k(tmp_path, RATINGS)
     with pytest.raises(ValueError, match=rf"GroupLens raw files in {tmp_path}\): no user has 9 or more"):
         build_dataset(load_movielens("ml-100k", tmp_path), min_interactions=9)
+
+
+def test_atomic_files_are_read_as_utf8_and_latin1_when_they_are_not(tmp_path):
+    inter = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
+        f"{u}\t{i}\t3\t{i}\n" for u in (1, 2) for i in (1, 2, 3))
+    (tmp_path / "ml-100k.inter").write_text(inter)
+    item = "item_id:token\tmovie_title:token_seq\n1\tMisérables, Les\n2\tCafé\n3\tC\n"
+    (tmp_path / "ml-100k.item").write_bytes(item.encode("utf-8"))  # RecBole's own copy is UTF-8
+    assert [m.title for m in load_dataset(DataConfig(path=str(tmp_path))).item_meta[1:3]] == ["Misérables, Les", "Café"]
+    (tmp_path / "ml-100k.item").write_bytes(item.encode("latin-1"))  # not valid UTF-8
+    assert [m.title for m in load_dataset(DataConfig(path=str(tmp_path))).item_meta[1:3]] == ["Misérables, Les", "Café"]
+
+
+def test_the_bundled_ml100k_titles_are_not_mojibake():
+    titles = [meta.title for meta in load_dataset(DataConfig()).item_meta]
+    assert "Misérables, Les" in titles and not any("Ã" in title for title in titles)

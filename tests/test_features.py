@@ -382,3 +382,20 @@ def test_a_reader_never_sees_a_half_written_run_manifest(tmp_path):
         reader.join()
     assert not torn, f"{len(torn)} reads saw a partly written manifest: {torn[0]}"
     assert json.loads(run_manifest_path(tmp_path).read_text())["text"]["n"] == 199
+
+
+def test_a_local_text_model_folder_whose_files_change_gets_new_features(smoke_config, synthetic, tmp_path, monkeypatch):
+    # a folder is named by its path, but what it holds can change (other weights, other pooling):
+    # the stored set must not be reused then
+    monkeypatch.setattr(semantic, "load_text_encoder", lambda *args, **kwargs: CountingEncoder())
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"pooling": "mean"}')
+    config = smoke_config.override([f"features.text_model={model}"])
+    CountingEncoder.calls = 0
+    build_features(config, synthetic, tmp_path / "run", progress=False)
+    build_features(config, synthetic, tmp_path / "run", progress=False)
+    assert CountingEncoder.calls == 2  # the second build reused the stored set (items, users)
+    (model / "config.json").write_text('{"pooling": "cls", "changed": true}')
+    build_features(config, synthetic, tmp_path / "run", progress=False)
+    assert CountingEncoder.calls == 4

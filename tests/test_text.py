@@ -137,6 +137,17 @@ def test_one_word_titles_shorter_than_four_characters_get_no_pattern():
     assert [pattern.search("A fan of Heat.") is not None for pattern in title_patterns("Heat")] == [True]
 
 
+def test_every_title_of_an_item_with_several_alternatives_is_found():
+    # ML-1M writes "Seven Samurai (The Magnificent Seven) (Shichinin no samurai)": each of the
+    # three names the film; only the last one used to be found
+    meta = {"1": ItemMeta("Seven Samurai (The Magnificent Seven) (Shichinin no samurai)", 1954, ["Action"]),
+            "2": ItemMeta("Fargo", 1996, ["Crime"]), "3": ItemMeta("Toy Story", 1995, ["Animation"])}
+    raw = RawInteractions("tiny", "test", np.array(["1"] * 4), np.array(["2", "3", "1", "2"]), np.arange(4), meta)
+    dataset = build_dataset(raw)  # user 1: validation item 1
+    for text in ("Loves Seven Samurai.", "Loves The Magnificent Seven.", "Loves Shichinin no samurai."):
+        assert audit_user_texts({"1": text}, dataset).rows["1"].names_valid_item, text
+
+
 def test_curly_apostrophe_in_a_user_text_still_names_the_title():
     meta = {"1": ItemMeta("Heat", 1995, ["Crime"]), "2": ItemMeta("Fargo", 1996, ["Crime"]),
             "3": ItemMeta("Toy Story", 1995, ["Animation"]), "4": ItemMeta("Schindler's List", 1993, ["Drama"])}

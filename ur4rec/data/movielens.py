@@ -10,7 +10,7 @@ Sources for ML-100K, tried in this order (DESIGN section 2):
 
 ML-1M reads ``ratings.dat``/``movies.dat`` (or atomic files) from a folder. Every reader
 names the file and line of the first malformed record. ``u.item`` and ``movies.dat`` are
-Latin-1.
+Latin-1; RecBole's atomic files are UTF-8 (read as Latin-1 when they are not valid UTF-8).
 """
 
 from __future__ import annotations
@@ -164,9 +164,19 @@ def _numbered_lines(handle, start: int = 1):
         yield line_number, line.removeprefix(_BOM) if line_number == 1 else line
 
 
-def _parse_interactions(path: Path, separator: str | None, skip_header: bool) -> tuple:
+def _atomic_encoding(path: Path) -> str:
+    """RecBole's atomic files are UTF-8 (its ml-100k.item writes "Misérables" in UTF-8): read
+    them so, or as Latin-1 when they are not valid UTF-8 (as GroupLens's own files are)."""
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return "latin-1"
+    return "utf-8-sig"
+
+
+def _parse_interactions(path: Path, separator: str | None, skip_header: bool, encoding: str = "latin-1") -> tuple:
     users, items, stamps = [], [], []
-    with open(path, encoding="latin-1") as handle:
+    with open(path, encoding=encoding) as handle:
         for line_number, line in _numbered_lines(handle):
             if skip_header and line_number == 1:
                 continue
@@ -276,18 +286,19 @@ def _read_raw_1m(name: str, folder: Path) -> RawInteractions:
 
 
 def _read_atomic(name: str, inter_file: Path) -> RawInteractions:
-    with open(inter_file, encoding="latin-1") as handle:
+    encoding = _atomic_encoding(inter_file)
+    with open(inter_file, encoding=encoding) as handle:
         header = handle.readline().removeprefix(_BOM).rstrip("\r\n").split("\t")
     columns = [h.split(":")[0] for h in header]
     expected = ["user_id", "item_id", "rating", "timestamp"]
     if columns[:4] != expected:
         raise DataFormatError(f"{inter_file}, line 1: expected columns {expected}, got {columns}")
-    users, items, stamps = _parse_interactions(inter_file, "\t", skip_header=True)
+    users, items, stamps = _parse_interactions(inter_file, "\t", skip_header=True, encoding=encoding)
     meta: dict[str, ItemMeta] = {}
     lines: dict[str, int] = {}
     item_file = inter_file.with_suffix(".item")
     if item_file.exists():
-        with open(item_file, encoding="latin-1") as handle:
+        with open(item_file, encoding=_atomic_encoding(item_file)) as handle:
             head = [h.split(":")[0] for h in handle.readline().removeprefix(_BOM).rstrip("\r\n").split("\t")]
             if "item_id" not in head:
                 raise DataFormatError(f"{item_file}, line 1: no item_id column in the header {head}")

@@ -72,7 +72,9 @@ def build_text_features(
     user_inputs = [user_texts.get(str(raw_id)) for raw_id in dataset.user_raw_ids]  # (n_users,) or None
     resolved = semantic.resolve_text_model(config.features.text_model)
     precision = semantic.check_precision(config.features.precision, config.features.device)
-    digest = inputs_hash([resolved.identity, precision, item_inputs, user_inputs])
+    # (a local folder's signature joins only when it has one, so the bundled model's sets keep their digest)
+    digest = inputs_hash([resolved.identity, *([resolved.signature] if resolved.signature else []), precision,
+                          item_inputs, user_inputs])
     folder = store_folder(dataset.fingerprint, "text", Path(resolved.identity).name, digest)
     manifest = read_manifest(folder)
     if manifest is None or force:

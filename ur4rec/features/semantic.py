@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.resources
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class ResolvedModel:
     identity: str  # what the feature store records: model name, or absolute path of a local folder
     location: str  # what SentenceTransformer() is given
     local: bool  # a folder on disk (no hub involved)
+    signature: str = ""  # a user's local folder: its files' names, sizes and mtimes (other weights, other arrays)
 
 
 def resolve_text_model(name: str) -> ResolvedModel:
@@ -44,7 +46,10 @@ def resolve_text_model(name: str) -> ResolvedModel:
         return ResolvedModel(BUNDLED_MODEL, str(folder), True)
     path = Path(name).expanduser()
     if path.is_dir():
-        return ResolvedModel(str(path.resolve()), str(path.resolve()), True)
+        files = sorted(p for p in path.resolve().rglob("*") if p.is_file())
+        signature = json.dumps([[p.relative_to(path.resolve()).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+                                for p in files])
+        return ResolvedModel(str(path.resolve()), str(path.resolve()), True, signature)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise EncoderUnavailableError(f"features.text_model {name!r} looks like a path but is not a folder")
     return ResolvedModel(name, name, False)

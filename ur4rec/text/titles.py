@@ -73,15 +73,16 @@ def _strip_article(title: str) -> str:
 
 def title_variants(title: str) -> list[str]:
     """Every form of ``title`` a text may use: as stored, article in front, article dropped,
-    and the same for an alternative title in parentheses (``Seven (Se7en)`` gives ``Se7en``)."""
+    and the same for each alternative title in parentheses (``Seven (Se7en)`` gives ``Se7en``;
+    ``Seven Samurai (The Magnificent Seven) (Shichinin no samurai)`` gives all three titles)."""
     title = normalise_typography(title).strip()
-    parts = [title]
-    match = _ALTERNATIVE.match(title)
-    if match:
+    main, alternatives = title, []
+    while match := _ALTERNATIVE.match(main):  # peel the parenthesised groups off the end, one by one
         alternative = re.sub(r"^(a\.k\.a\.|aka)\s+", "", match.group("alternative").strip(), flags=re.IGNORECASE)
-        parts = [match.group("main").strip()]
         if alternative and not alternative.isdigit():
-            parts.append(alternative)
+            alternatives.insert(0, alternative)
+        main = match.group("main").strip()
+    parts = [main, *alternatives]
     variants: list[str] = []
     for part in parts:
         front = _move_article(part)

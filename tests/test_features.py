@@ -1,5 +1,4 @@
 import csv
-import hashlib
 import json
 import logging
 import time
@@ -8,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_run import CountingEncoder, MeanColourEncoder
 
 from ur4rec.cli import main
 from ur4rec.features import (
@@ -137,17 +137,6 @@ def test_clip_tag_fails_before_open_clip_when_the_hub_is_unusable(monkeypatch):
         visual.load_image_encoder("ViT-S-32-alt", "openai")
 
 
-class MeanColourEncoder:
-    """Fake image encoder: an image's mean colour (the real one is tested above)."""
-
-    identity = "ViT-S-32-alt/random"
-    dim = 3
-
-    def encode(self, images):
-        return semantic.normalise_rows(np.array([np.asarray(image, dtype=np.float32).mean(axis=(0, 1))
-                                                 for image in images]))
-
-
 def test_image_set_is_rebuilt_when_an_image_file_changes(smoke_config, synthetic, tmp_path, monkeypatch):
     loads = []
     monkeypatch.setattr(visual, "load_image_encoder", lambda *args, **kwargs: loads.append(args) or MeanColourEncoder())
@@ -166,19 +155,6 @@ def test_image_set_is_rebuilt_when_an_image_file_changes(smoke_config, synthetic
 
 
 # ---------------------------------------------------------------- feature store
-
-
-class CountingEncoder:
-    """Deterministic fake text encoder that counts its calls (the real one is tested above)."""
-
-    identity = "sentence-transformers/all-MiniLM-L6-v2"
-    dim = 8
-    calls = 0
-
-    def encode(self, texts, progress=False):
-        CountingEncoder.calls += 1
-        digests = [np.frombuffer(hashlib.sha256(text.encode()).digest()[: self.dim], dtype=np.uint8) for text in texts]
-        return semantic.normalise_rows(np.array(digests, dtype=np.float32).reshape(len(texts), self.dim) + 1)
 
 
 def test_feature_store_reuses_sets_and_force_rebuilds(smoke_config, synthetic, tmp_path, monkeypatch):
@@ -225,7 +201,7 @@ def test_load_features_refuses_features_built_for_other_data(synthetic, tmp_path
         load_features(tmp_path / "run", synthetic)
 
 
-def test_text_set_is_rebuilt_when_an_item_description_changes(smoke_config, synthetic, tmp_path, monkeypatch):
+def test_text_set_is_rebuilt_when_an_item_description_or_a_user_paragraph_changes(smoke_config, synthetic, tmp_path, monkeypatch):
     monkeypatch.setattr(semantic, "load_text_encoder", lambda *args, **kwargs: CountingEncoder())
     CountingEncoder.calls = 0
     folder = tmp_path / "llm"
@@ -243,6 +219,13 @@ def test_text_set_is_rebuilt_when_an_item_description_changes(smoke_config, synt
     assert (first.item_text[1] != second.item_text[1]).any()
     np.testing.assert_array_equal(first.item_text[2:], second.item_text[2:])
     np.testing.assert_array_equal(first.user_text, second.user_text)
+    # user texts count by content too: an edited (e.g. redacted) paragraph is encoded again
+    users[str(synthetic.user_raw_ids[0])] = "paragraph [redacted]"
+    (folder / "user_preferences.json").write_text(json.dumps(users))
+    third = build_features(config, synthetic, tmp_path / "run", progress=False)
+    assert CountingEncoder.calls == 6
+    np.testing.assert_allclose(third.user_text[0], CountingEncoder().encode(["paragraph [redacted]"])[0], rtol=1e-6)
+    np.testing.assert_array_equal(second.user_text[1:], third.user_text[1:])
 
 
 def test_leak_policy_drop_masks_leaking_users(synthetic, smoke_config, tmp_path, monkeypatch):

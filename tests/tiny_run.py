@@ -64,3 +64,34 @@ def save_stage1(setup, folder):
     save_checkpoint(folder, sasrec, {"stage": 1, "data_fingerprint": dataset.fingerprint, "config": config.to_dict(),
                                      "n_items": dataset.n_items})
     return sasrec
+
+
+class CountingEncoder:
+    """Deterministic fake text encoder (sha256 of each text) that counts its calls; the real one
+    is tested in test_features.py."""
+
+    identity = "sentence-transformers/all-MiniLM-L6-v2"
+    dim = 8
+    calls = 0
+
+    def encode(self, texts, progress=False):
+        import hashlib
+
+        from ur4rec.features import semantic
+
+        CountingEncoder.calls += 1
+        digests = [np.frombuffer(hashlib.sha256(text.encode()).digest()[: self.dim], dtype=np.uint8) for text in texts]
+        return semantic.normalise_rows(np.array(digests, dtype=np.float32).reshape(len(texts), self.dim) + 1)
+
+
+class MeanColourEncoder:
+    """Fake image encoder: an image's mean colour; the real one is tested in test_features.py."""
+
+    identity = "ViT-S-32-alt/random"
+    dim = 3
+
+    def encode(self, images):
+        from ur4rec.features import semantic
+
+        return semantic.normalise_rows(np.array([np.asarray(image, dtype=np.float32).mean(axis=(0, 1))
+                                                 for image in images]))

@@ -621,3 +621,28 @@ def _backward(optimizer, value):
     optimizer.zero_grad()
     value.backward()
     return value
+
+
+def test_source_commit_is_only_that_of_a_repository_tracking_the_package(tmp_path, monkeypatch):
+    # an installed copy inside another project's repository (a virtual environment in it) must not
+    # be credited with that project's commit
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "README").write_text("another project\n")
+    git("add", "README")
+    git("commit", "-q", "-m", "other")
+    package = tmp_path / "venv" / "ur4rec"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    monkeypatch.setattr(ur4rec, "__file__", str(package / "__init__.py"))
+    assert checkpoint.source_commit.__wrapped__() is None  # untracked there
+    git("add", "venv/ur4rec/__init__.py")
+    git("commit", "-q", "-m", "tracked")
+    assert checkpoint.source_commit.__wrapped__() == git("rev-parse", "HEAD")
+    (package / "__init__.py").write_text("changed = True\n")
+    assert checkpoint.source_commit.__wrapped__() == git("rev-parse", "HEAD") + "+modified"

@@ -50,9 +50,13 @@ def source_commit() -> str | None:
     later fix to the model can change what the same weights score."""
     package = Path(ur4rec.__file__).resolve().parent
     try:
+        # the package's own files must be tracked: an installed copy inside some other repository's
+        # tree (a virtual environment in a project folder) is not that repository's code
+        tracked = subprocess.run(["git", "-C", str(package), "ls-files", "--error-unmatch", "__init__.py"],
+                                 capture_output=True, text=True, timeout=10)
         head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10)
-        if head.returncode != 0:
+        if tracked.returncode != 0 or head.returncode != 0:
             return None
         changes = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."],
                                  capture_output=True, text=True, timeout=10)

@@ -227,12 +227,11 @@ def command_evaluate(args) -> int:
             state = None
         else:
             from ur4rec.features import load_features
-            from ur4rec.training.stages import evaluate_multimodal_stage, saved_state
+            from ur4rec.training.stages import evaluate_multimodal_stage
 
             features = load_features(args.run_dir, dataset)
-            metrics = evaluate_multimodal_stage(args.run_dir, dataset, features, config, args.stage,
-                                                into=fresh / stage_path.name)
-            state = saved_state(stage_path, features, dataset)
+            metrics, state = evaluate_multimodal_stage(args.run_dir, dataset, features, config, args.stage,
+                                                       into=fresh / stage_path.name)
         pop = args.run_dir / "baselines" / "pop"
         if (pop / "metrics.json").exists():  # in the table `train` prints, with the config it was computed with
             # (runs made before that config was kept: the run's config.yaml, which `train` wrote with it)

@@ -543,10 +543,9 @@ def _gate_value(model: UR4Rec) -> float:
     return float(model.gate.value.detach().float().mean())
 
 
-def saved_state(stage_directory: Path, features, dataset: SequenceDataset) -> dict:
-    """The gate value and the similarity weights of a stage's saved weights, as its training
-    history records them for the kept epoch (``ur4rec evaluate`` checks that they agree)."""
-    model, _ = load_stage_model(stage_directory, features, dataset)
+def model_state(model: UR4Rec) -> dict:
+    """The gate value and the similarity weights of ``model``, as the training history records
+    them for each epoch (``ur4rec evaluate`` checks the kept epoch's against the saved weights)."""
     state = {"gate": _gate_value(model)}
     if hasattr(model, "similarity"):
         state["similarity_weights"] = {name: float(value) for name, value in
@@ -645,7 +644,7 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
             break
     total_seconds = time.perf_counter() - start_all
 
-    metrics = evaluate_multimodal_stage(run_dir, dataset, features, config, stage)
+    metrics, _ = evaluate_multimodal_stage(run_dir, dataset, features, config, stage)
     return StageResult(best_epoch, best_value, len(epoch_seconds), float(np.mean(epoch_seconds)),
                        total_seconds, metrics)
 
@@ -654,10 +653,13 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
 
 
 def evaluate_multimodal_stage(run_dir: Path, dataset: SequenceDataset, features, config: Config, stage: int,
-                              into: Path | None = None) -> dict:
+                              into: Path | None = None) -> tuple[dict, dict]:
     """Reload the stage's best checkpoint, evaluate it on validation and test, and write
     metrics.json, the ranks files and the internals into ``into`` (the stage directory unless
-    given: ``ur4rec evaluate`` writes elsewhere and compares, :mod:`ur4rec.reproduce`)."""
+    given: ``ur4rec evaluate`` writes elsewhere and compares, :mod:`ur4rec.reproduce`).
+
+    Returns the metrics and :func:`model_state` of the reloaded weights (what ``evaluate``
+    checks the training history's kept epoch against)."""
     out = stage_dir(run_dir, stage)
     into = out if into is None else Path(into)
     into.mkdir(parents=True, exist_ok=True)
@@ -675,7 +677,7 @@ def evaluate_multimodal_stage(run_dir: Path, dataset: SequenceDataset, features,
     inputs, test = results["test"]
     write_internals(into / "internals", model, dataset, inputs, test.rank_full, config)
     write_json(into / "metrics.json", metrics)  # last: it marks the stage finished (rundir.start_stage)
-    return metrics
+    return metrics, model_state(model)
 
 
 @torch.no_grad()

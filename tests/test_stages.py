@@ -67,8 +67,15 @@ def test_sampled_candidates_hard_negatives_are_the_backbones_best_outside_the_wi
         allowed = [i for i in range(1, V + 1) if i not in window[row].tolist()]
         best = sorted(allowed, key=lambda i: -own[row, i].item())[:4]
         assert sorted(candidates[row, 1:5].tolist()) == sorted(best)
-    uniform = candidates[:, 5:]
-    assert (left_out[:, 5:] == (uniform == targets[:, None])).all()  # copies of the target leave the softmax
+    # a uniform draw equal to the target, to one of the row's hard negatives or to an earlier draw
+    # leaves the softmax: no item counts twice in a row
+    for row in range(3):
+        kept = []
+        for column in range(5, 55):
+            item = candidates[row, column].item()
+            assert left_out[row, column].item() == (item in candidates[row, :5].tolist() + kept), (row, column)
+            kept += [] if left_out[row, column] else [item]
+        assert left_out[row, 5:].any() and not left_out[row, 5:].all()
     # more hard negatives than items outside the window: the surplus is left out, never the target
     candidates, left_out = sampled_candidates(model, states, targets, torch.arange(1, V + 1).expand(3, -1),
                                               hard=3, uniform=0)
@@ -505,14 +512,23 @@ def test_in_batch_and_full_training_losses_against_a_direct_computation(setup):
         rows = model.read_memory(users, states[:, -1], recent_items(x, width)[:, -1], before=t[:, -1])
         targets = y[:, -1]  # the newest target of every window
         N = len(targets)
+        seen = torch.zeros(N, dataset.n_items + 1, dtype=torch.bool)  # each row's user's train items
+        for row, user in enumerate(users.tolist()):
+            seen[row, torch.as_tensor(dataset.train_sequence(user))] = True
         if mode == "in_batch":
             logits = model.score_rows(rows, targets[None].expand(N, N)).scores.float()
-            duplicate = (targets[None] == targets[:, None]) & ~torch.eye(N, dtype=torch.bool)
-            assert duplicate.any()
-            expected = F.cross_entropy(logits.masked_fill(duplicate, torch.finfo(logits.dtype).min), torch.arange(N))
+            other = ~torch.eye(N, dtype=torch.bool)
+            duplicate = (targets[None] == targets[:, None]) & other
+            rated = seen[:, targets] & other & ~duplicate  # another row's target this row's user rated
+            assert duplicate.any() and rated.any()
+            masked = logits.masked_fill(duplicate | rated, torch.finfo(logits.dtype).min)
+            expected = F.cross_entropy(masked, torch.arange(N))
         else:
             logits = model.score_rows(rows, torch.arange(1, dataset.n_items + 1)).scores.float()
-            expected = F.cross_entropy(logits, targets - 1)
+            rated = seen[:, 1:].clone()
+            rated[torch.arange(N), targets - 1] = False
+            assert rated.sum(1).min() > 0
+            expected = F.cross_entropy(logits.masked_fill(rated, torch.finfo(logits.dtype).min), targets - 1)
         assert loss.item() == pytest.approx(expected.item(), rel=1e-5), mode
 
 

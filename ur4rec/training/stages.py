@@ -26,7 +26,9 @@ Epoch 0 is the loaded model: its validation metric is the value to beat, and ``c
 says ``"epoch": 0`` when no epoch beat it. Training rows are ``moe.rows_per_window`` target
 positions of each Stage-1 window, drawn at random each epoch, scored against the target, the
 backbone's hardest items and shared uniform negatives (``moe.train_candidates: sampled``,
-:func:`sampled_candidates`), or each window's newest target (``in_batch``, ``full``). A row
+:func:`sampled_candidates`), or each window's newest target against the batch's other targets
+(``in_batch``) or all items (``full``). In every mode the user's own train items other than the
+target are left out of a row's softmax: full ranking never asks the model to beat them. A row
 reads the memory as of its target: the items just before it (short-term) and the long-term
 tier as it stood just before its position.
 """
@@ -320,7 +322,8 @@ def sampled_candidates(model: UR4Rec, states: torch.Tensor, targets: torch.Tenso
     training, all of the row's user's train items, since a window holds only max_len of them),
     i.e. the items full ranking must beat: it leaves the user's seen items out, and the items the
     user rates later are no negatives. Uniform: ``uniform`` items shared by the batch; copies of
-    the target, and for each row the items ``exclude`` marks, are left out of its softmax.
+    the target, of the row's hard negatives and of an earlier draw, and for each row the items
+    ``exclude`` marks, are left out of its softmax, so no item counts twice in a row's softmax.
     """
     N = targets.size(0)
     candidates, left_out = [targets[:, None]], [torch.zeros(N, 1, dtype=torch.bool, device=targets.device)]
@@ -336,8 +339,11 @@ def sampled_candidates(model: UR4Rec, states: torch.Tensor, targets: torch.Tenso
         left_out.append(values == float("-inf"))  # fewer items outside the window than H
     if uniform > 0:
         negatives = torch.randint(1, model.n_items + 1, (uniform,), generator=generator, device=targets.device)
+        earlier, earlier_out = torch.cat(candidates, 1), torch.cat(left_out, 1)  # (N, 1 + H) target, hard
+        # (N, K): a copy of the target or of one of the row's hard negatives, or a repeated draw
+        own_items = ((negatives[None, :, None] == earlier[:, None, :]) & ~earlier_out[:, None, :]).any(2)
+        own_items = own_items | (negatives[:, None] == negatives[None, :]).tril(-1).any(1)[None]
         candidates.append(negatives[None].expand(N, -1))
-        own_items = negatives[None] == targets[:, None]  # (N, K)
         if exclude is not None:
             own_items = own_items | exclude[:, negatives]
         left_out.append(own_items)
@@ -389,11 +395,17 @@ def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=Non
     elif moe.train_candidates == "in_batch":
         candidates = targets[None].expand(N, N)  # (N, N)
         positive = arange
-        false_negative = (candidates == targets[:, None]) & ~torch.eye(N, dtype=torch.bool, device=targets.device)
+        own = torch.eye(N, dtype=torch.bool, device=targets.device)
+        false_negative = (candidates == targets[:, None]) & ~own
+        if model.train_items is not None:  # another row's target the user rated: no negative either
+            false_negative |= model.train_items[users[row_batch]][:, targets] & ~own
     else:
         candidates = torch.arange(1, model.n_items + 1, device=targets.device)  # (V,) shared
         positive = targets - 1
         false_negative = None
+        if model.train_items is not None:  # the user's other train items: no negatives
+            false_negative = model.train_items[users[row_batch], 1:].clone()
+            false_negative[arange, positive] = False
     out = model.score_rows(rows, candidates)
     logits = out.scores.float()
     if train_backbone:  # the base scores learn from the "backbone" term only (see the docstring)

@@ -245,6 +245,18 @@ def test_prompt_hash_changes_with_generator_settings(synthetic):
     assert greedy.prompt_hash(request) != sampled.prompt_hash(request)
 
 
+
+def test_template_cache_key_covers_every_word_of_the_text(synthetic):
+    # the template's user paragraph names the domain ("movies" for MovieLens, "items" else): a
+    # cached "items" paragraph must not be reused for a MovieLens run of the same histories
+    from dataclasses import replace
+    request = next(r for r in build_requests(synthetic) if r.kind == "user" and r.items)
+    movie = replace(request, domain="movie")
+    template = TemplateGenerator()
+    assert template.generate(request) != template.generate(movie)
+    assert template.prompt_hash(request) != template.prompt_hash(movie)
+
+
 # ---------------------------------------------------------------- openai backend
 
 

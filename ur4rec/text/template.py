@@ -25,8 +25,9 @@ class TemplateGenerator(TextGenerator):
     backend = "template"
     settings = TEMPLATE_VERSION
 
-    def prompt(self, request: TextRequest) -> str:
-        return "\n".join(f"{meta.title}|{meta.year}|{','.join(meta.genres)}" for meta in request.items)
+    def prompt(self, request: TextRequest) -> str:  # the domain word is in user paragraphs
+        return "\n".join([request.domain] + [f"{meta.title}|{meta.year}|{','.join(meta.genres)}"
+                                              for meta in request.items])
 
     def generate(self, request: TextRequest) -> str:
         if request.kind == "item":

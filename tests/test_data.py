@@ -347,3 +347,14 @@ def test_atomic_files_are_read_as_utf8_and_latin1_when_they_are_not(tmp_path):
 def test_the_bundled_ml100k_titles_are_not_mojibake():
     titles = [meta.title for meta in load_dataset(DataConfig()).item_meta]
     assert "Misérables, Les" in titles and not any("Ã" in title for title in titles)
+
+
+def test_integer_ids_beyond_64_bits_are_read_as_strings(tmp_path):
+    # a 20-digit id does not fit int64: numpy raises OverflowError, not ValueError, when
+    # trying the numeric order; such ids are ordered as strings instead of crashing
+    big = "99999999999999999999"
+    write_raw_100k(tmp_path, [(big, 5, 3, 1), (big, 7, 3, 2), (big, 9, 3, 3), (1, 5, 3, 1), (1, 7, 3, 2),
+                              (1, 9, 3, 3)])
+    dataset = build_dataset(load_movielens("ml-100k", tmp_path))
+    assert dataset.user_raw_ids.tolist() == ["1", big]
+    assert [dataset.item_raw_ids[i] for i in dataset.sequences[1]] == ["5", "7", "9"]

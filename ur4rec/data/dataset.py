@@ -99,10 +99,11 @@ class SequenceDataset:
 
 
 def _sort_key(raw_ids: np.ndarray) -> np.ndarray:
-    """Numeric order for integer-like raw ids, string order otherwise."""
+    """Numeric order for integer-like raw ids, string order otherwise (also for integers beyond
+    64 bits, which numpy refuses with OverflowError)."""
     try:
         return raw_ids.astype(np.int64)
-    except ValueError:
+    except (ValueError, OverflowError):
         return raw_ids
 
 

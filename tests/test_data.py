@@ -325,6 +325,14 @@ def test_another_datasets_raw_files_are_not_read_under_this_name(tmp_path):
     write_raw_100k(tmp_path, RATINGS)
     with pytest.raises(DataFormatError, match=r"holds u\.data, the ml-100k raw ratings, but data\.name is 'ml-1m'"):
         load_movielens("ml-1m", tmp_path)
+    atomic = tmp_path / "atomic"  # RecBole's atomic ml-100k files under data.name ml-1m: refused the same way
+    atomic.mkdir()
+    (atomic / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                                          + "".join(f"1\t{i}\t3\t{i}\n" for i in (1, 2, 3)))
+    with pytest.raises(DataFormatError, match=r"holds ml-100k\.inter, the ml-100k interactions, but data\.name is "
+                                              r"'ml-1m'"):
+        load_movielens("ml-1m", atomic)
+    assert load_movielens("ml-100k", atomic).name == "ml-100k"
 
 
 def test_no_user_left_by_the_filter_names_the_source(tmp_path):

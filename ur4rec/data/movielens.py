@@ -141,6 +141,10 @@ def read_folder(name: str, folder: Path) -> RawInteractions:
             raise DataFormatError(f"{folder} holds {ratings}, the {other} raw ratings, but data.name is {name!r}; "
                                   f"set data.name: {other}")
     inter = sorted(folder.glob("*.inter"))
+    for other in RAW_RATINGS:  # the same for another dataset's atomic file, when it is the only one
+        if other != name and inter == [folder / f"{other}.inter"]:
+            raise DataFormatError(f"{folder} holds {other}.inter, the {other} interactions, but data.name is "
+                                  f"{name!r}; set data.name: {other}")
     if len(inter) > 1 and (folder / f"{name}.inter") in inter:
         inter = [folder / f"{name}.inter"]
     if len(inter) > 1:

@@ -93,6 +93,27 @@ def test_short_line_names_file_and_line(tmp_path):
         load_movielens("ml-100k", tmp_path)
 
 
+def test_a_line_with_too_many_fields_names_file_and_line(tmp_path):
+    # two records run together by a lost newline must not read as one (item 3 at 3001, item 4 lost)
+    write_raw_100k(tmp_path, RATINGS)
+    with open(tmp_path / "u.data", "a") as handle:
+        handle.write("4\t3\t3\t3001\t4\t3\t400\n")
+    with pytest.raises(DataFormatError, match=r"u\.data, line 10: expected 4 fields .*, got 7"):
+        load_movielens("ml-100k", tmp_path)
+    (tmp_path / "ml1m").mkdir()
+    (tmp_path / "ml1m" / "ratings.dat").write_text("1::10::5::100\n1::11::4::200::7\n")
+    with pytest.raises(DataFormatError, match=r"ratings\.dat, line 2: expected 4 fields .*, got 5"):
+        load_movielens("ml-1m", tmp_path / "ml1m")
+    atomic = tmp_path / "atomic"  # an atomic file has as many fields as its header names
+    atomic.mkdir()
+    header = "user_id:token\titem_id:token\trating:float\ttimestamp:float\tnote:token\n"
+    (atomic / "ml-100k.inter").write_text(header + "1\t1\t3\t1\tx\n1\t2\t3\t2\tx\n1\t3\t3\t3\tx\n")
+    assert load_movielens("ml-100k", atomic).timestamps.tolist() == [1, 2, 3]
+    (atomic / "ml-100k.inter").write_text(header + "1\t1\t3\t1\tx\n1\t2\t3\t2\n")
+    with pytest.raises(DataFormatError, match=r"ml-100k\.inter, line 3: expected 5 fields .*, got 4"):
+        load_movielens("ml-100k", atomic)
+
+
 def test_missing_dataset_names_the_three_sources(tmp_path, monkeypatch):
     monkeypatch.setenv("UR4REC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(movielens.importlib.util, "find_spec", lambda name: None)

@@ -178,7 +178,11 @@ def _atomic_encoding(path: Path) -> str:
     return "utf-8-sig"
 
 
-def _parse_interactions(path: Path, separator: str | None, skip_header: bool, encoding: str = "latin-1") -> tuple:
+def _parse_interactions(path: Path, separator: str | None, skip_header: bool, encoding: str = "latin-1",
+                        fields: int = 4) -> tuple:
+    """Every record has exactly ``fields`` fields, the first four user, item, rating, timestamp: a
+    record with more is an error too (two records on one line, a lost newline, would otherwise
+    read as one, its timestamp the two run together)."""
     users, items, stamps = [], [], []
     with open(path, encoding=encoding) as handle:
         for line_number, line in _numbered_lines(handle):
@@ -188,8 +192,9 @@ def _parse_interactions(path: Path, separator: str | None, skip_header: bool, en
                 continue
             parts = line.rstrip("\r\n").split(separator)
             try:
-                if len(parts) < 4:
-                    raise ValueError(f"expected 4 fields (user, item, rating, timestamp), got {len(parts)}")
+                if len(parts) != fields:
+                    raise ValueError(f"expected {fields} fields (user, item, rating, timestamp"
+                                     f"{', ...' if fields > 4 else ''}), got {len(parts)}")
                 user, item, timestamp = parts[0].strip(), parts[1].strip(), _whole_seconds(parts[3])
                 float(parts[2])
                 if not user or not item:
@@ -297,7 +302,8 @@ def _read_atomic(name: str, inter_file: Path) -> RawInteractions:
     expected = ["user_id", "item_id", "rating", "timestamp"]
     if columns[:4] != expected:
         raise DataFormatError(f"{inter_file}, line 1: expected columns {expected}, got {columns}")
-    users, items, stamps = _parse_interactions(inter_file, "\t", skip_header=True, encoding=encoding)
+    users, items, stamps = _parse_interactions(inter_file, "\t", skip_header=True, encoding=encoding,
+                                               fields=len(header))
     meta: dict[str, ItemMeta] = {}
     lines: dict[str, int] = {}
     item_file = inter_file.with_suffix(".item")

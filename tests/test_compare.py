@@ -125,3 +125,18 @@ def test_other_half_rows_pair_users_by_the_validation_targets(tmp_path):
     with pytest.raises(ValueError, match="valid_ranks_by_epoch.csv lists other users or targets"):
         compare([base], [variant])
 
+
+
+def test_ranks_below_one_are_refused_naming_file_and_line(tmp_path):
+    # ranks are 1-based: a rank of 0 would read as an infinite NDCG and MRR, a negative one as a
+    # hit with NDCG -0
+    base = write_stage(tmp_path / "a", [1, 2, 3], [1, 2, 3])
+    for rank in (0, -1):
+        variant = write_stage(tmp_path / f"b{rank}", [1, 2, 3], [1, rank, 3])
+        with pytest.raises(ValueError, match=rf"b{rank}/test_ranks\.csv, line 3: rank_full {rank} is below 1"):
+            compare([base], [variant])
+    variant = write_stage(tmp_path / "c", [1, 2, 3], [1, 2, 3])
+    write_epoch_ranks(base, {1: [1, 2, 3]})
+    write_epoch_ranks(variant, {1: [1, 2, 3], 2: [1, 1, 0]})
+    with pytest.raises(ValueError, match=r"valid_ranks_by_epoch\.csv, line 4: a rank is below 1"):
+        compare([base], [variant])

@@ -46,6 +46,8 @@ def read_ranks(stage_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
                 rank = int(row["rank_full"])
             except ValueError:
                 raise ValueError(f"{path}, line {line}: rank_full {row['rank_full']!r} is not an integer") from None
+            if rank < 1:  # ranks are 1-based: 0 would score an infinite NDCG and MRR
+                raise ValueError(f"{path}, line {line}: rank_full {rank} is below 1 (ranks are 1-based)")
             keys.append(f"{row['user_id']},{row['target_item']}")
             ranks.append(rank)
     return keys, np.asarray(ranks)
@@ -68,6 +70,8 @@ def read_epoch_ranks(stage_dir: Path) -> tuple[list[str], list[int], np.ndarray]
                 rows.append([int(rank) for rank in row[2:]])
             except ValueError:
                 raise ValueError(f"{path}, line {line}: a rank is not an integer") from None
+            if min(rows[-1]) < 1:
+                raise ValueError(f"{path}, line {line}: a rank is below 1 (ranks are 1-based)")
             keys.append(f"{row[0]},{row[1]}")
     return keys, [int(e) for e in epochs], np.asarray(rows, dtype=np.int64).reshape(len(rows), len(epochs)).T
 

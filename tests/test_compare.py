@@ -140,3 +140,25 @@ def test_ranks_below_one_are_refused_naming_file_and_line(tmp_path):
     write_epoch_ranks(variant, {1: [1, 2, 3], 2: [1, 1, 0]})
     with pytest.raises(ValueError, match=r"valid_ranks_by_epoch\.csv, line 4: a rank is below 1"):
         compare([base], [variant])
+
+
+def test_ids_holding_a_comma_survive_the_epoch_ranks_file(tmp_path):
+    # valid_ranks.csv quotes a raw id with a comma (csv.writer); valid_ranks_by_epoch.csv must too,
+    # or every comparison of such runs stops at "4 fields, the header has 3"
+    from ur4rec.data.dataset import build_dataset
+    from ur4rec.data.movielens import RawInteractions
+    from ur4rec.rundir import EpochRanks, write_ranks
+
+    raw = RawInteractions("t", "t", np.array(["a,b"] * 3 + ["c"] * 3), np.array(["1", "2", "3"] * 2),
+                          np.array([1, 2, 3] * 2), {})
+    dataset = build_dataset(raw)
+    for name in "xy":
+        (tmp_path / name).mkdir()
+        for split in ("valid", "test"):
+            write_ranks(tmp_path / name / f"{split}_ranks.csv", dataset, split, np.array([1, 2]), np.array([1, 1]))
+        epochs = EpochRanks(tmp_path / name / "valid_ranks_by_epoch.csv", dataset)
+        epochs.add(1, np.array([1, 2]))
+        epochs.add(2, np.array([3, 1]))
+    keys, epoch_list, ranks = read_epoch_ranks(tmp_path / "x")
+    assert keys == ["a,b,2", "c,2"] and epoch_list == [1, 2] and ranks.tolist() == [[1, 2], [3, 1]]
+    assert "valid-oh" in {row["split"] for row in compare([tmp_path / "x"], [tmp_path / "y"])}

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -157,7 +158,7 @@ class EpochRanks:
     def __init__(self, path: Path, dataset: SequenceDataset, split: str = "valid") -> None:
         self.path = Path(path)
         targets = dataset.target(split)
-        self.keys = [f"{dataset.user_raw_ids[user]},{dataset.item_raw_ids[targets[user]]}"
+        self.keys = [[str(dataset.user_raw_ids[user]), str(dataset.item_raw_ids[targets[user]])]
                      for user in range(dataset.n_users)]
         self.epochs: list[int] = []
         self.ranks: list[np.ndarray] = []
@@ -166,9 +167,11 @@ class EpochRanks:
         self.epochs.append(epoch)
         self.ranks.append(np.asarray(rank_full, dtype=np.int64))
         table = np.stack(self.ranks, axis=1)  # (users, epochs)
-        header = ",".join(["user_id", "target_item", *(f"epoch_{e}" for e in self.epochs)])
-        rows = [f"{key},{','.join(map(str, ranks))}" for key, ranks in zip(self.keys, table.tolist())]
-        write_text_whole(self.path, "\n".join([header, *rows]) + "\n")
+        text = io.StringIO()  # quoted as csv reads it: a raw id may hold a comma
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["user_id", "target_item", *(f"epoch_{e}" for e in self.epochs)])
+        writer.writerows(key + ranks for key, ranks in zip(self.keys, table.tolist()))
+        write_text_whole(self.path, text.getvalue())
 
 
 def append_log(path: Path, record: dict) -> None:

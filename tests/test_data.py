@@ -130,6 +130,32 @@ def test_missing_dataset_names_the_three_sources(tmp_path, monkeypatch):
     assert "https://files.grouplens.org/datasets/movielens/ml-100k.zip" in message
 
 
+def test_a_stopped_download_is_done_again_not_read_without_its_item_file(tmp_path, monkeypatch):
+    import io
+    import zipfile
+
+    monkeypatch.setenv("UR4REC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(movielens.importlib.util, "find_spec", lambda name: None)
+    payload = io.BytesIO()
+    with zipfile.ZipFile(payload, "w") as archive:  # GroupLens's zip holds u.data before u.item
+        archive.writestr("ml-100k/u.data", "".join(f"1\t{i}\t3\t{i}\n" for i in (1, 2, 3)))
+        archive.writestr("ml-100k/u.item", "".join(f"{i}|Film {i} (1995)|||x|{GENRE_FLAGS}\n" for i in (1, 2, 3)))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: io.BytesIO(payload.getvalue()))
+    write_bytes = Path.write_bytes
+
+    def stopped(path, data):
+        if "u.item" in path.name:
+            raise KeyboardInterrupt
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        load_movielens("ml-100k")
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    raw = load_movielens("ml-100k")  # fetched again, not the cache's u.data alone
+    assert [raw.item_meta[i].title for i in "123"] == ["Film 1", "Film 2", "Film 3"]
+
+
 def test_data_path_that_is_not_a_folder(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="not a folder"):
         load_movielens("ml-100k", tmp_path / "nowhere")

@@ -123,10 +123,16 @@ def download(name: str) -> Path:
         ) from error
     target.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(io.BytesIO(payload)) as archive:
-        for member in archive.namelist():
-            if member.endswith("/"):
-                continue
-            (target / Path(member).name).write_bytes(archive.read(member))
+        members = [member for member in archive.namelist() if not member.endswith("/")]
+        # the ratings file last, each file written whole: until the ratings file is there the folder
+        # does not count as holding the dataset, so a stopped extraction is done again rather than
+        # read later without its item file (every title "item N")
+        members.sort(key=lambda member: Path(member).name == RAW_RATINGS[name])
+        for member in members:
+            path = target / Path(member).name
+            partial = path.with_name(f".{path.name}.partial")
+            partial.write_bytes(archive.read(member))
+            os.replace(partial, path)
     return target
 
 

@@ -10,6 +10,7 @@ from ur4rec.data import DataFormatError, DatasetNotFoundError, build_dataset, lo
 from ur4rec.training.trainer import shuffle_ties, training_windows
 
 GENRE_FLAGS = "|".join(["0"] * 19)
+ML100K_GENRE_INDEX = {genre: index for index, genre in enumerate(movielens.ML100K_GENRES)}
 
 
 def write_raw_100k(folder, ratings):
@@ -413,3 +414,54 @@ def test_integer_ids_beyond_64_bits_are_read_as_strings(tmp_path):
     dataset = build_dataset(load_movielens("ml-100k", tmp_path))
     assert dataset.user_raw_ids.tolist() == ["1", big]
     assert [dataset.item_raw_ids[i] for i in dataset.sequences[1]] == ["5", "7", "9"]
+
+
+def test_item_metadata_genres_and_years_from_every_format(tmp_path):
+    flags = ["0"] * 19
+    flags[ML100K_GENRE_INDEX["Comedy"]] = flags[ML100K_GENRE_INDEX["Romance"]] = "1"
+    write_raw_100k(tmp_path / "raw", [(1, i, 3, i) for i in (1, 2, 3)])
+    (tmp_path / "raw" / "u.item").write_text(
+        f"1|Title One (1995)|01-Jan-1995||http://x|{'|'.join(flags)}\n"
+        f"2|No Year In Title|01-Jan-1987||http://x|{GENRE_FLAGS}\n"  # the year comes from the date
+        f"3|Neither||||{GENRE_FLAGS}\n")
+    meta = load_movielens("ml-100k", tmp_path / "raw").item_meta
+    assert (meta["1"].title, meta["1"].year, meta["1"].genres) == ("Title One", 1995, ["Comedy", "Romance"])
+    assert (meta["2"].title, meta["2"].year, meta["2"].genres) == ("No Year In Title", 1987, [])
+    assert (meta["3"].title, meta["3"].year) == ("Neither", None)
+    atomic = tmp_path / "atomic"  # RecBole's ml-1m.item: release_year and genre columns
+    atomic.mkdir()
+    (atomic / "ml-1m.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                                        + "".join(f"1\t{i}\t3\t{i}\n" for i in (1, 2, 3)))
+    (atomic / "ml-1m.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tgenre:token_seq\n"
+                                       "1\tToy Story\t1995\tAnimation Comedy\n2\tB\t\tDrama\n")
+    meta = load_movielens("ml-1m", atomic).item_meta
+    assert (meta["1"].title, meta["1"].year, meta["1"].genres) == ("Toy Story", 1995, ["Animation", "Comedy"])
+    assert (meta["2"].year, meta["2"].genres) == (None, ["Drama"])
+
+
+def test_an_empty_id_names_file_and_line(tmp_path):
+    for line in ("4\t\t3\t500", "\t2\t3\t500"):
+        write_raw_100k(tmp_path, RATINGS)
+        with open(tmp_path / "u.data", "a") as handle:
+            handle.write(line + "\n")
+        with pytest.raises(DataFormatError, match=r"u\.data, line 10: empty user or item id"):
+            load_movielens("ml-100k", tmp_path)
+
+
+def test_the_configured_min_interactions_drops_users(tmp_path):
+    write_raw_100k(tmp_path, RATINGS)  # users with 4, 3 and 2 interactions
+    assert load_dataset(DataConfig(path=str(tmp_path))).user_raw_ids.tolist() == ["1", "2"]
+    dataset = load_dataset(DataConfig(path=str(tmp_path), min_interactions=4))
+    assert dataset.user_raw_ids.tolist() == ["1"] and dataset.min_interactions == 4
+    assert dataset.item_raw_ids.tolist() == ["", "2", "5", "7", "9"]  # items of dropped users only are gone
+    assert dataset.fingerprint != load_dataset(DataConfig(path=str(tmp_path))).fingerprint
+
+
+def test_stats_count_users_items_interactions_and_lengths(tmp_path):
+    write_raw_100k(tmp_path, RATINGS + [(4, i, 3, i) for i in (2, 5, 7, 9, 11, 12)])
+    stats = build_dataset(load_movielens("ml-100k", tmp_path)).stats()  # lengths 4, 3 and 6; six items
+    assert (stats["users"], stats["items"], stats["interactions"], stats["train_interactions"]) == (3, 6, 13, 7)
+    assert stats["density"] == pytest.approx(13 / 18)
+    lengths = stats["sequence_length"]
+    assert lengths["mean"] == pytest.approx(13 / 3)
+    assert (lengths["min"], lengths["p50"], lengths["p100"]) == (3, 4, 6)

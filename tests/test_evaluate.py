@@ -96,3 +96,27 @@ def test_evaluation_puts_every_submodule_back_in_its_own_mode():
     inputs = build_eval_inputs(tiny([[1, 2, 3, 4]], 6), "valid", 5, NO_NEGATIVES)
     evaluate(model, inputs, EvalConfig(ks=[1], num_sampled_negatives=0))
     assert (model.training, model.frozen.training, model.trained.training) == (True, False, True)
+
+
+def test_batches_cover_every_user_once_whatever_their_size():
+    sequences = [[u % 7 + 1, (u + 2) % 7 + 1, (u + 4) % 7 + 1, (u + 5) % 7 + 1] for u in range(5)]
+    dataset = tiny(sequences, 7)
+    inputs = build_eval_inputs(dataset, "test", 5, NO_NEGATIVES.repeat(5, axis=0))
+    scores = np.arange(8, dtype=np.float32)
+    whole = evaluate(Fixed(scores), inputs, EvalConfig(ks=[1], num_sampled_negatives=1, batch_size=64))
+    assert len(whole.rank_full) == 5
+    for batch_size in (1, 2, 3):
+        result = evaluate(Fixed(scores), inputs, EvalConfig(ks=[1], num_sampled_negatives=1, batch_size=batch_size))
+        assert result.rank_full.tolist() == whole.rank_full.tolist()
+
+
+def test_each_users_candidates_are_its_target_and_its_own_negatives():
+    dataset = tiny([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]], 200)  # users with disjoint items
+    negatives = sample_negatives(dataset, 99, seed=0)
+    for split in ("valid", "test"):
+        inputs = build_eval_inputs(dataset, split, 5, negatives)
+        targets = dataset.target(split)
+        assert inputs.candidates[:, 0].tolist() == targets.tolist()
+        assert (inputs.candidates[:, 1:].numpy() == negatives).all()
+        for user, sequence in enumerate(dataset.sequences):  # no item of the user's own among its negatives
+            assert not np.isin(inputs.candidates[user, 1:].numpy(), sequence).any()

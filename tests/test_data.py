@@ -465,3 +465,21 @@ def test_stats_count_users_items_interactions_and_lengths(tmp_path):
     lengths = stats["sequence_length"]
     assert lengths["mean"] == pytest.approx(13 / 3)
     assert (lengths["min"], lengths["p50"], lengths["p100"]) == (3, 4, 6)
+
+
+def test_short_item_lines_and_a_wrong_atomic_header_name_file_and_line(tmp_path):
+    write_raw_100k(tmp_path / "raw", RATINGS)
+    with open(tmp_path / "raw" / "u.item", "a") as handle:
+        handle.write("11|Eleven (1995)|01-Jan-1995||http://x|0|0|1\n")  # genre flags cut short
+    with pytest.raises(DataFormatError, match=r"u\.item, line 6: expected 24 '\|'-separated fields, got 8"):
+        load_movielens("ml-100k", tmp_path / "raw")
+    (tmp_path / "ml1m").mkdir()
+    (tmp_path / "ml1m" / "ratings.dat").write_text("1::10::5::100\n")
+    (tmp_path / "ml1m" / "movies.dat").write_text("10::A (2001)::Comedy\n11::B (2001)\n")
+    with pytest.raises(DataFormatError, match=r"movies\.dat, line 2: expected 'id::title::genres'"):
+        load_movielens("ml-1m", tmp_path / "ml1m")
+    (tmp_path / "atomic").mkdir()  # rating and timestamp swapped: the timestamps would be read as ratings
+    (tmp_path / "atomic" / "ml-100k.inter").write_text(
+        "user_id:token\titem_id:token\ttimestamp:float\trating:float\n1\t1\t100\t3\n")
+    with pytest.raises(DataFormatError, match=r"ml-100k\.inter, line 1: expected columns"):
+        load_movielens("ml-100k", tmp_path / "atomic")

@@ -99,7 +99,8 @@ def test_evaluation_puts_every_submodule_back_in_its_own_mode():
 
 
 def test_batches_cover_every_user_once_whatever_their_size():
-    sequences = [[u % 7 + 1, (u + 2) % 7 + 1, (u + 4) % 7 + 1, (u + 5) % 7 + 1] for u in range(5)]
+    # histories of different lengths: each user's seen items are all left out of its full ranking
+    sequences = [[(u + step) % 7 + 1 for step in range(3 + u)] for u in range(5)]
     dataset = tiny(sequences, 7)
     inputs = build_eval_inputs(dataset, "test", 5, NO_NEGATIVES.repeat(5, axis=0))
     scores = np.arange(8, dtype=np.float32)
@@ -108,6 +109,9 @@ def test_batches_cover_every_user_once_whatever_their_size():
     for batch_size in (1, 2, 3):
         result = evaluate(Fixed(scores), inputs, EvalConfig(ks=[1], num_sampled_negatives=1, batch_size=batch_size))
         assert result.rank_full.tolist() == whole.rank_full.tolist()
+    # scores = item ids: the rank is 1 + the unseen items with a higher id than the target
+    expected = [1 + len(set(range(s[-1] + 1, 8)) - set(s[:-1])) for s in sequences]
+    assert whole.rank_full.tolist() == expected
 
 
 def test_each_users_candidates_are_its_target_and_its_own_negatives():

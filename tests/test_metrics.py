@@ -69,3 +69,9 @@ def test_per_user_values_average_to_the_metrics():
         assert per_user(ranks, metric).mean() == pytest.approx(summary[metric])
     with pytest.raises(ValueError, match="hr@k, ndcg@k or mrr"):
         per_user(ranks, "ndcg")
+
+
+def test_a_candidate_just_below_the_target_is_not_a_tie():
+    below = float(np.nextafter(np.float32(1.0), np.float32(0.0)))  # the next float32 under 1.0
+    scores = torch.tensor([[1.0, below, below, 1.0]])
+    assert rank_of_target(scores, torch.tensor([1.0])).tolist() == [2]  # only the exact tie counts

@@ -72,6 +72,11 @@ def test_fingerprint_ignores_line_order_and_format(tmp_path):
     )
     prints = {build_dataset(load_movielens("ml-100k", tmp_path / name)).fingerprint for name in "abc"}
     assert len(prints) == 1
+    other_ratings = [(u, i, 6 - r, t) for u, i, r, t in RATINGS]  # ratings play no part in the split
+    write_raw_100k(tmp_path / "e", other_ratings)
+    (tmp_path / "e" / "u.item").write_text((tmp_path / "e" / "u.item").read_text(encoding="latin-1").replace(
+        "Caf\xe9", "Other"))  # nor do titles
+    assert build_dataset(load_movielens("ml-100k", tmp_path / "e")).fingerprint in prints
     changed = RATINGS[:-1] + [(3, 2, 3, 20), (3, 4, 3, 30)]
     write_raw_100k(tmp_path / "d", changed)
     assert build_dataset(load_movielens("ml-100k", tmp_path / "d")).fingerprint not in prints

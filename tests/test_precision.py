@@ -37,3 +37,14 @@ def test_auto_on_cuda_asks_the_device_for_bf16(monkeypatch):  # no GPU needed: t
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     assert resolve_precision("auto", "cuda") == "bf16"
 
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta"])
+def test_a_device_whose_backend_torch_lacks_here_is_named(device):
+    from ur4rec.precision import check_device
+
+    if device == "mps" and torch.backends.mps.is_available() or device == "xpu" and torch.xpu.is_available():
+        pytest.skip(f"{device} is usable here")
+    # before: accepted, and training stopped in torch.Generator with an error naming no config key
+    with pytest.raises(ValueError, match=f"train.device is '{device}' but torch cannot use it here"):
+        check_device(device, "train.device")

@@ -34,6 +34,12 @@ def check_device(device: str, field: str = "device") -> str:
         raise ValueError(f"{field} {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {error}") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{field} is {device!r} but torch finds no CUDA device here; use cpu")
+    try:  # what training needs of it: a tensor and a random generator (mps, xpu, ... without their backend fail here)
+        torch.empty(0, device=device)
+        torch.Generator(device=device)
+    except Exception as error:  # noqa: BLE001 - backends fail with RuntimeError, AssertionError, NotImplementedError, ...
+        message = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0][:200]  # torch's first sentence
+        raise ValueError(f"{field} is {device!r} but torch cannot use it here ({message}); use cpu") from None
     return device
 
 

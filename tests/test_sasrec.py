@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ur4rec.config import ModelConfig
+from ur4rec.config import Config, ModelConfig
 from ur4rec.models.losses import full_softmax_cross_entropy, recommendation_loss
 from ur4rec.models.losses import sample_negatives as training_negatives
 from ur4rec.models.sasrec import SASRec, attention_mask
@@ -105,6 +105,20 @@ def test_dropout_keeps_the_expected_fraction():
     assert torch.allclose(by_byte, torch.full((8,), 0.25), atol=0.015)
     assert out.mean().item() == pytest.approx(1.0, abs=0.01)
     assert torch.equal(layer.eval()(torch.ones(5)), torch.ones(5))
+
+
+def test_a_dropout_that_rounds_to_everything_is_refused_before_training():
+    from ur4rec.config import ConfigError
+    from ur4rec.models.sasrec import Dropout
+
+    # before: accepted, and the first training step divided by 256 - 256 (ZeroDivisionError)
+    with pytest.raises(ConfigError, match="model.dropout must be in"):
+        Config().override(["model.dropout=0.999"])
+    with pytest.raises(ValueError, match="dropout must be in"):
+        Dropout(0.999)
+    layer = Dropout(0.998).train()  # rounds to 255/256, the most there is
+    assert layer(torch.ones(1000)).isfinite().all()
+    assert Config().override(["model.dropout=0.998"]).model.dropout == 0.998
 
 
 @pytest.mark.parametrize("rows, chunk, smoothing", [(1, 512, 0.0), (7, 3, 0.0), (64, 64, 0.0), (300, 128, 0.0),

@@ -363,8 +363,9 @@ def _check_values(config: Config, where: str) -> None:
         value = values[section].get(name)
         if value is not None and value < least:
             raise ConfigError(f"{where}: {key} must be {least} or more, got {value}")
-    if not 0.0 <= config.model.dropout < 1.0:
-        raise ConfigError(f"{where}: model.dropout must be in [0, 1), got {config.model.dropout}")
+    if not 0.0 <= config.model.dropout < 255.5 / 256:  # sasrec.Dropout draws in steps of 1/256 (MAX_DROPOUT)
+        raise ConfigError(f"{where}: model.dropout must be in [0, 1) and round below 256/256 (it is applied in "
+                          f"steps of 1/256), got {config.model.dropout}")
     if not 0.0 <= config.train.label_smoothing < 1.0:
         raise ConfigError(f"{where}: train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}")
     if not 0.0 <= config.moe.novelty_threshold < 1.0:  # novelty is 1 - a cosine; an empty memory's is 1

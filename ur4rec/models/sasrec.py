@@ -40,6 +40,9 @@ def attention_mask(valid: torch.Tensor) -> torch.Tensor:
     return mask[:, None]  # (B, 1, T, T)
 
 
+MAX_DROPOUT = 255.5 / 256  # from here on p rounds to 256/256: everything dropped, and no scale to keep the mean
+
+
 class Dropout(nn.Module):
     """Inverted dropout drawn from random bytes; ``p`` is rounded to a multiple of 1/256.
 
@@ -50,8 +53,8 @@ class Dropout(nn.Module):
 
     def __init__(self, p: float) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        if not 0.0 <= p < MAX_DROPOUT:
+            raise ValueError(f"dropout must be in [0, {MAX_DROPOUT}) (it is drawn in steps of 1/256), got {p}")
         self.p = p
         self.threshold = int(round(p * 256))
 

@@ -105,6 +105,12 @@ def test_dropout_keeps_the_expected_fraction():
     assert torch.allclose(by_byte, torch.full((8,), 0.25), atol=0.015)
     assert out.mean().item() == pytest.approx(1.0, abs=0.01)
     assert torch.equal(layer.eval()(torch.ones(5)), torch.ones(5))
+    # exactly p = threshold/256 dropped and the rest scaled by 256/(256 - threshold): the mean is kept
+    # (a byte > threshold instead of >= drops one 256th more, which the tolerances above let through)
+    layer = Dropout(0.5).train()
+    out = layer(torch.ones(2_000_000))
+    assert (out == 0).float().mean().item() == pytest.approx(0.5, abs=0.0015)
+    assert out.mean().item() == pytest.approx(1.0, abs=0.003)
 
 
 def test_a_dropout_that_rounds_to_everything_is_refused_before_training():

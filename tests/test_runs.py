@@ -101,6 +101,17 @@ def test_moe_stage_epochs_caps_stages_2_and_3_instead_of_train_epochs(setup, sta
     assert result.epochs_run == 1 and [record["epoch"] for record in log_of(run / "stage2")] == [1]
 
 
+def test_a_cosine_schedule_decays_over_the_stages_own_epochs(setup, stage1, tmp_path):
+    config, dataset, features = setup
+    run = new_run(setup, stage1, tmp_path)
+    config = config.override(["train.epochs=200", "moe.stage_epochs=2", "train.lr_schedule=cosine", "train.patience=9"])
+    train_stage(config, dataset, features, run, 2)
+    # the last step of the stage's last epoch is near the end of the cosine, not 1% into one over train.epochs
+    # (before: the rate in Stages 2-3 stayed at 99.99% of train.learning_rate)
+    last = log_of(run / "stage2")[-1]
+    assert last["epoch"] == 2 and last["lr"] < 0.1 * config.train.learning_rate
+
+
 def test_epoch_0_is_kept_with_the_similarity_weights_fitted_to_it(setup, stage1, tmp_path, monkeypatch):
     config, dataset, features = setup
     run = new_run(setup, stage1, tmp_path)

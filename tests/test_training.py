@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from ur4rec.cli import main
+from ur4rec.config import Config
 from ur4rec.evaluation import Popularity, build_eval_inputs, evaluate, metrics_from_ranks, sample_negatives
 from ur4rec.evaluation.compare import read_epoch_ranks, read_ranks
 from ur4rec.rundir import prepare_run
@@ -396,3 +397,20 @@ def test_ablation_table_keeps_only_rows_from_the_same_stage1(tmp_path):
     with pytest.warns(UserWarning, match="dropped the rows of full, gate_off"):
         write_rows(path, [{"variant": "skip_stage2", "stage1_sha256": "b", "test": 0.3}], order)
     assert path.read_text().splitlines()[1:] == ["skip_stage2,b,0.3"]
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_over_the_stages_epochs():
+    from ur4rec.training.trainer import learning_rate
+
+    config = Config().override(["train.learning_rate=1.0", "train.warmup_epochs=2", "train.epochs=6",
+                                "train.lr_schedule=cosine"])
+    steps = 4  # per epoch; epochs are 1-based, steps 0-based
+    # warm-up: the first step already moves (1/8 of the way), the last one reaches the base rate
+    assert learning_rate(config, 1, 0, steps) == pytest.approx(0.125)
+    assert learning_rate(config, 2, 3, steps) == pytest.approx(1.0)
+    # cosine over the 4 epochs after warm-up: 1 at its start, 1/2 half-way
+    assert learning_rate(config, 3, 0, steps) == pytest.approx(1.0)
+    assert learning_rate(config, 5, 0, steps) == pytest.approx(0.5)
+    # a stage that runs 4 epochs in all (Stages 2-3 with moe.stage_epochs) decays over those
+    assert learning_rate(config, 4, 0, steps, epochs=4) == pytest.approx(0.5)
+    assert learning_rate(config.override(["train.lr_schedule=constant"]), 5, 0, steps) == 1.0

@@ -63,7 +63,8 @@ class TrainConfig:
     epochs: int = option(200, "maximum number of epochs")
     batch_size: int = option(128, "training windows per batch")
     learning_rate: float = option(0.002, "AdamW learning rate")
-    lr_schedule: str = option("constant", "constant, or cosine: decay to 0 over train.epochs after warm-up")
+    lr_schedule: str = option("constant", "constant, or cosine: decay to 0 over the stage's epochs (train.epochs; "
+                                   "moe.stage_epochs in stages 2-3 when set) after warm-up")
     warmup_epochs: int = option(0, "epochs of linear learning-rate warm-up")
     weight_decay: float = option(0.0, "AdamW weight decay")
     shuffle_ties: bool = option(

@@ -454,6 +454,7 @@ def train_multimodal_epoch(model: UR4Rec, optimizer, trainable: dict, windows, c
     sums: dict[str, float] = {}
     count = 0
     batches = length_bucketed_batches(lengths, config.train.batch_size, rng)
+    epochs = config.moe.stage_epochs or config.train.epochs  # what a cosine schedule decays over, as train_stage runs
     for step, rows in enumerate(batches):
         width = int(lengths[rows].max())
         x, y, t = (torch.from_numpy(array[rows, -width:]).to(device) for array in (inputs, targets, times))
@@ -466,7 +467,7 @@ def train_multimodal_epoch(model: UR4Rec, optimizer, trainable: dict, windows, c
             if not torch.isfinite(value):
                 raise NonFiniteLossError(f"loss term {name!r} is {value.item()} at epoch {epoch}, step {step}")
         for group in optimizer.param_groups:  # the trainer's warm-up/cosine schedule, scaled per group
-            group["lr"] = learning_rate(config, epoch, step, len(batches)) * group["lr_scale"]
+            group["lr"] = learning_rate(config, epoch, step, len(batches), epochs) * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         if config.train.grad_clip > 0:

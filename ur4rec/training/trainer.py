@@ -121,8 +121,9 @@ def autocast(config: Config):
     return precision_autocast(config.train.precision, config.train.device)
 
 
-def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """Learning rate at (1-based epoch, 0-based step): linear warm-up, then constant or cosine."""
+def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int, epochs: int | None = None) -> float:
+    """Learning rate at (1-based epoch, 0-based step): linear warm-up, then constant or cosine
+    (to 0 over the stage's ``epochs``: ``train.epochs`` unless given)."""
     base, train = config.train.learning_rate, config.train
     progress = (epoch - 1) + step / steps_per_epoch  # epochs done, fractional
     if progress < train.warmup_epochs:
@@ -130,7 +131,7 @@ def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -
     if train.lr_schedule == "constant":
         return base
     if train.lr_schedule == "cosine":
-        span = max(train.epochs - train.warmup_epochs, 1)
+        span = max((epochs or train.epochs) - train.warmup_epochs, 1)
         return base * 0.5 * (1 + math.cos(math.pi * min((progress - train.warmup_epochs) / span, 1.0)))
     raise ValueError(f"train.lr_schedule must be constant or cosine, got {train.lr_schedule!r}")
 

@@ -252,6 +252,30 @@ def test_a_previous_stage_from_other_data_or_without_weights_is_refused(setup, t
     assert not (tmp_path / "stage2").exists()
 
 
+def test_a_previous_stage_built_with_other_heads_or_features_is_refused(setup, three_stages, tmp_path):
+    """Same shapes, other computation: before, these loaded without a word and Stage 2/3 trained on a
+    backbone whose heads split the matrices differently, or on experts fitted to other features."""
+    from tiny_run import random_features
+
+    config, dataset, features = setup
+    run, _ = three_stages
+    prepare_run(tmp_path, config, dataset)
+    shutil.copytree(run / "stage1", tmp_path / "stage1")
+    shutil.copytree(run / "stage2", tmp_path / "stage2")
+    other_heads = config.override([f"model.num_heads={2 * config.model.num_heads}"])
+    with pytest.raises(StageOrderError, match=f"model.num_heads {config.model.num_heads}, this config has "
+                                              f"{2 * config.model.num_heads}"):
+        train_stage(other_heads, dataset, features, tmp_path, 2)
+    with pytest.raises(StageOrderError, match="moe.semantic_heads"):
+        train_stage(config.override(["moe.semantic_heads=1"]), dataset, features, tmp_path, 3)
+    with pytest.raises(StageOrderError, match="trained with other features"):
+        train_stage(config, dataset, random_features(dataset, seed=1), tmp_path, 3)
+    # Stage 1 uses no features: Stage 2 (or Stage 3 skipping it) may start from it with any
+    assert stages.check_previous_stage(tmp_path, stages.stage_spec(3, True), dataset.fingerprint, True, config,
+                                       random_features(dataset, seed=1)) == tmp_path / "stage1"
+    assert not (tmp_path / "stage3").exists()
+
+
 def test_stage3_needs_stage2_groups_from_a_stage2_checkpoint(setup, tmp_path):
     config, dataset, features = setup
     save_stage1(setup, tmp_path / "stage1")

@@ -170,7 +170,8 @@ def command_train(args) -> int:
     if stages[0] > 1:  # refuse before building features (minutes on ML-100K) when the previous stage is missing
         from ur4rec.training.stages import check_previous_stage, stage_spec
 
-        check_previous_stage(run_dir, stage_spec(stages[0], args.skip_stage2), dataset.fingerprint, args.skip_stage2)
+        check_previous_stage(run_dir, stage_spec(stages[0], args.skip_stage2), dataset.fingerprint, args.skip_stage2,
+                             config)
     for stage in stages:
         if stage == 1:
             result = train_stage1(config, dataset, run_dir)

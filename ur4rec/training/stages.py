@@ -202,8 +202,15 @@ def load_stage_weights(model: UR4Rec, previous_stage_dir: Path, spec: StageSpec)
     return report
 
 
-def check_previous_stage(run_dir: Path, spec: StageSpec, fingerprint: str, skip_stage2: bool = False) -> Path:
-    """The previous stage's directory, once its checkpoint is known to be valid for this data."""
+# What the loaded weights compute with but their shapes do not show: a checkpoint trained under another
+# value loads without a shape error and computes something else (the heads split the same matrices).
+SAME_AS_PREVIOUS = {1: ("model.num_heads",), 2: ("model.num_heads", "moe.semantic_heads")}
+
+
+def check_previous_stage(run_dir: Path, spec: StageSpec, fingerprint: str, skip_stage2: bool = False,
+                         config: Config | None = None, features=None) -> Path:
+    """The previous stage's directory, once its checkpoint is known to be valid for this data (and,
+    when given, for ``config``'s settings of :data:`SAME_AS_PREVIOUS` and for ``features``)."""
     previous = stage_dir(run_dir, spec.previous)
     hint = ""
     if spec.name == "stage3" and not skip_stage2:
@@ -220,6 +227,17 @@ def check_previous_stage(run_dir: Path, spec: StageSpec, fingerprint: str, skip_
         problem = f"it was trained on data {info.get('data_fingerprint')}, not {fingerprint}"
     elif not (previous / "model.safetensors").exists():
         problem = "model.safetensors is missing"
+    elif features is not None and info.get("features_fingerprint", features_fingerprint(features)) \
+            != features_fingerprint(features):  # a Stage-1 checkpoint has none: it uses no features
+        problem = (f"it was trained with other features ({info['features_fingerprint']}, these are "
+                   f"{features_fingerprint(features)})")
+    elif config is not None:
+        for key in SAME_AS_PREVIOUS[spec.previous]:
+            section, name = key.split(".")
+            theirs, ours = info["config"].get(section, {}).get(name), getattr(getattr(config, section), name)
+            if theirs is not None and theirs != ours:
+                problem = f"it was trained with {key} {theirs}, this config has {ours}"
+                break
     if problem:
         raise StageOrderError(f"{spec.name} needs a valid stage-{spec.previous} checkpoint in {previous}: "
                               f"{problem}.{hint}")
@@ -572,7 +590,7 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
     if stage == 1:
         return train_stage1(config, dataset, run_dir)
     spec = stage_spec(stage, skip_stage2)
-    previous = check_previous_stage(run_dir, spec, dataset.fingerprint, skip_stage2)
+    previous = check_previous_stage(run_dir, spec, dataset.fingerprint, skip_stage2, config, features)
     set_threads(config)
     torch.manual_seed(config.train.seed)
     rng = np.random.default_rng(config.train.seed)

@@ -436,6 +436,25 @@ def test_non_finite_loss_stops_and_names_the_term(setup, three_stages, tmp_path,
         train_stage(config, dataset, features, tmp_path, 2)
 
 
+def test_weights_left_non_finite_stop_stages_2_3_with_the_epoch_and_the_kept_checkpoint(setup, three_stages,
+                                                                                        tmp_path, monkeypatch):
+    config, dataset, features = setup
+    run, _ = three_stages
+    prepare_run(tmp_path, config, dataset)
+    shutil.copytree(run / "stage1", tmp_path / "stage1")
+
+    def nan_weights(model, *args, **kwargs):  # finite losses, NaN weights
+        with torch.no_grad():
+            next(iter(model.experts.parameters())).fill_(float("nan"))
+        return {"total": 0.0}
+
+    monkeypatch.setattr(stages, "train_multimodal_epoch", nan_weights)
+    with pytest.raises(FloatingPointError, match="after epoch 1: its last steps left non-finite weights .*keeps the "
+                                                 "checkpoint of epoch 0"):
+        train_stage(config, dataset, features, tmp_path, 2)
+    assert json.loads((tmp_path / "stage2" / "checkpoint.json").read_text())["epoch"] == 0
+
+
 def test_a_rerun_that_fails_loses_no_finished_stage(setup, three_stages, tmp_path, monkeypatch):
     # retraining Stage 2 in a finished run, stopped by a non-finite loss: the finished Stage 2 and
     # the Stage 3 built on it are kept whole as stageN.prev; the new stage2/ has its last good checkpoint

@@ -163,6 +163,30 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_config, 
     load_model(tmp_path / "stage1")  # still loadable
 
 
+def test_weights_left_non_finite_by_an_epochs_last_step_stop_with_the_epoch_and_the_kept_checkpoint(
+        smoke_config, synthetic, tmp_path, monkeypatch):
+    # every loss finite, but the last step of epoch 2 leaves NaN weights (one step per epoch here, as
+    # with a batch holding every window): the validation after it meets NaN scores. Before, the run
+    # stopped with "non-finite scores while evaluating valid", naming no epoch and nothing kept.
+    config = smoke_config.override(["train.epochs=4", "train.patience=10"])
+    real_epoch = trainer.train_epoch
+
+    def poisoned(model, *args, **kwargs):
+        loss = real_epoch(model, *args, **kwargs)
+        if args[-1] == 2:  # the epoch
+            with torch.no_grad():
+                model.item_embedding.weight[1].fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(trainer, "train_epoch", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite scores while evaluating valid after epoch 2: its last "
+                                                 "steps left non-finite weights") as stopped:
+        run_stage1(config, synthetic, tmp_path)
+    assert "keeps the checkpoint of epoch 1, the best before it" in str(stopped.value)
+    assert json.loads((tmp_path / "stage1" / "checkpoint.json").read_text())["epoch"] == 1
+    load_model(tmp_path / "stage1")  # still loadable
+
+
 def test_a_first_epoch_that_fails_says_there_is_no_checkpoint(smoke_config, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     smoke_config.save(config)

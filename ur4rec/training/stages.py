@@ -76,6 +76,7 @@ from ur4rec.training.trainer import (
     kept_checkpoint,
     learning_rate,
     length_bucketed_batches,
+    non_finite_weights,
     set_threads,
     train_stage1,
     training_windows,
@@ -654,8 +655,11 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
         if uncertainty is not None:
             record["log_variances"] = {k: float(v) for k, v in uncertainty.log_variances.items()}
         if epoch % config.train.eval_every == 0 or epoch == epochs:
-            weights = fit_similarity(model, valid_inputs, config)
-            result = evaluate(model, valid_inputs, config.eval, device)
+            try:
+                weights = fit_similarity(model, valid_inputs, config)
+                result = evaluate(model, valid_inputs, config.eval, device)
+            except FloatingPointError as error:
+                raise non_finite_weights(error, epoch, out, best_epoch) from None
             epoch_ranks.add(epoch, result.rank_full)
             valid = record["valid"] = result.metrics
             if weights:

@@ -108,6 +108,13 @@ def kept_checkpoint(out: Path, best_epoch: int) -> str:
     return f"no epoch of {out.name} finished, so it has no checkpoint"
 
 
+def non_finite_weights(error: FloatingPointError, epoch: int, out: Path, best_epoch: int) -> FloatingPointError:
+    """The error for a validation after ``epoch`` that met non-finite scores: every loss of the epoch
+    was finite, but its last steps left weights that are not."""
+    return FloatingPointError(f"{error} after epoch {epoch}: its last steps left non-finite weights (each loss "
+                              f"was finite); {kept_checkpoint(out, best_epoch)}")
+
+
 def set_threads(config: Config) -> None:
     """Before a stage trains: torch's CPU threads, and a device that exists here."""
     check_device(config.train.device, "train.device")
@@ -204,7 +211,10 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
         record = {"epoch": epoch, "seconds": round(epoch_seconds[-1], 4), "train_loss": train_loss,
                   "lr": optimizer.param_groups[0]["lr"]}
         if epoch % config.train.eval_every == 0 or epoch == config.train.epochs:
-            result = evaluate(model, valid_inputs, config.eval, config.train.device)
+            try:
+                result = evaluate(model, valid_inputs, config.eval, config.train.device)
+            except FloatingPointError as error:
+                raise non_finite_weights(error, epoch, out, best_epoch) from None
             epoch_ranks.add(epoch, result.rank_full)
             valid = record["valid"] = result.metrics
             value = valid["full"][config.eval.select_metric]

@@ -127,3 +127,19 @@ def test_an_empty_config_file_or_a_key_given_twice_is_an_error(tmp_path):
     path.write_text("train:\n  epochs: 3\n  batch_size: 64\n  epochs: 5\n")
     with pytest.raises(ConfigError, match="key 'epochs' is given twice"):
         Config.load(path)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("moe.backbone_lr_scale=-1", "moe.backbone_lr_scale must be 0 or more"),  # Stage 3's backbone ascended its loss
+    ("moe.alignment_weight=-0.1", "moe.alignment_weight must be 0 or more"),
+    ("moe.load_balance_weight=-0.01", "moe.load_balance_weight must be 0 or more"),
+    ("moe.surprise_alpha=-5", "moe.surprise_alpha must be 0 or more"),  # negative instance weights
+    ("moe.router_hidden=0", "moe.router_hidden must be 1 or more"),  # a router that ignores its inputs
+    ("moe.attention_sample_users=-1", "moe.attention_sample_users must be 0 or more"),  # failed after training
+    ("moe.alignment_temperature=0", "moe.alignment_temperature must be a positive number"),  # NaN loss
+    ("moe.memory_half_life=0", "moe.memory_half_life must be a positive number"),  # error naming no key
+])
+def test_moe_weights_scales_and_sizes_the_stages_cannot_use_are_named(setting, message):
+    # before: each was accepted and trained silently the wrong way, or failed later naming no config key
+    with pytest.raises(ConfigError, match=message):
+        Config().override([setting])

@@ -352,7 +352,10 @@ _MINIMA = {
     "train.patience": 1, "train.eval_every": 1, "train.threads": 0, "eval.num_sampled_negatives": 1,
     "eval.batch_size": 1, "moe.stage_epochs": 0, "moe.semantic_heads": 1, "moe.similarity_window": 1,
     "moe.eval_chunk_size": 1, "features.batch_size": 1, "moe.short_term_size": 0, "moe.long_term_capacity": 0,
-    "moe.retrieval_top_k": 0,
+    "moe.retrieval_top_k": 0, "moe.router_hidden": 1, "moe.image_dim": 1, "moe.num_negatives": 0,
+    "moe.hard_negatives": 0, "moe.rows_per_window": 0, "moe.attention_sample_users": 0,
+    # weights and scales: below 0 they train the opposite way (a negative rate ascends the loss)
+    "moe.alignment_weight": 0, "moe.load_balance_weight": 0, "moe.surprise_alpha": 0, "moe.backbone_lr_scale": 0,
 }
 
 
@@ -371,6 +374,10 @@ def _check_values(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}")
     if not 0.0 <= config.moe.novelty_threshold < 1.0:  # novelty is 1 - a cosine; an empty memory's is 1
         raise ConfigError(f"{where}: moe.novelty_threshold must be in [0, 1), got {config.moe.novelty_threshold}")
+    for key in ("moe.alignment_temperature", "moe.memory_half_life"):  # divisors
+        value = getattr(config.moe, key.split(".")[1])
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"{where}: {key} must be a positive number, got {value}")
     if config.moe.gate == "scalar" and (config.moe.gate_init == 0 or not math.isfinite(config.moe.gate_init)):
         raise ConfigError(f"{where}: moe.gate_init must be a non-zero number (at g = 0 the experts, which act "
                           f"only through g, get no gradient), got {config.moe.gate_init}")

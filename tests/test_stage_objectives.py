@@ -89,6 +89,9 @@ def test_load_balance_is_over_the_user_target_tokens_only(setup, monkeypatch):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     over_all = load_balancing_loss(out.router_weights.detach(), out.available)
     assert abs(over_all.item() - expected.item()) > 1e-4  # the negatives' tokens would give another value
+    # a stage that keeps the router frozen (Stage 2) has no load-balancing term: nothing it could train
+    frozen = training_losses(model, x, y, t, users, config, torch.Generator().manual_seed(0), train_router=False)
+    assert "load_balance" not in frozen and "recommendation" in frozen
 
 
 def test_load_balancing_loss_gradient_is_E_f_k_over_T():

@@ -221,6 +221,18 @@ def test_stage1_groups_load_and_a_missing_group_is_an_error(setup, tmp_path):
     assert torch.equal(fresh.backbone.final_norm.bias, before)  # nothing half-loaded
 
 
+def test_the_load_report_lists_the_checkpoint_keys_outside_the_loaded_groups(setup, three_stages):
+    config, dataset, features = setup
+    run, _ = three_stages
+    saved = load_file(str(run / "stage2" / "model.safetensors"))
+    model = build_ur4rec(config, dataset, features)
+    report = load_stage_weights(model, run / "stage2", stages.stage_spec(3, skip_stage2=True))  # Stage 1's groups only
+    assert set(report.loaded) == {"item_embedding", "backbone"}
+    outside = sorted(key for key in saved if not key.startswith(("item_embedding.", "backbone.")))
+    assert outside and report.not_loaded == outside  # the experts, router, gate ... of the file, left as built
+    assert report.as_dict()["not_loaded"] == outside
+
+
 def test_a_reshaped_key_is_a_load_error_and_nothing_loads(setup, tmp_path):
     config, dataset, features = setup
     save_stage1(setup, tmp_path / "stage1")

@@ -288,6 +288,21 @@ def test_a_previous_stage_built_with_other_heads_or_features_is_refused(setup, t
     assert not (tmp_path / "stage3").exists()
 
 
+def test_a_stage_does_not_start_from_an_unfinished_previous_stage(setup, three_stages, tmp_path):
+    # a Stage 1 stopped before its final evaluation (no metrics.json) is started over by the next
+    # `train --stage 1`, which would then move a Stage 2 built on it over the finished stage2.prev
+    config, dataset, features = setup
+    run = tmp_path / "run"
+    shutil.copytree(three_stages[0], run)
+    (run / "stage1" / "metrics.json").unlink()
+    before = {f.name: f.read_bytes() for f in (run / "stage2").iterdir() if f.is_file()}
+    for stage in (2, 3):
+        with pytest.raises(StageOrderError, match=r"it never finished \(no metrics.json"):
+            train_stage(config, dataset, features, run, stage, skip_stage2=stage == 3)
+    assert {f.name: f.read_bytes() for f in (run / "stage2").iterdir() if f.is_file()} == before
+    assert not (run / "stage2.prev").exists()
+
+
 def test_stage3_needs_stage2_groups_from_a_stage2_checkpoint(setup, tmp_path):
     config, dataset, features = setup
     save_stage1(setup, tmp_path / "stage1")

@@ -51,7 +51,8 @@ def replace_weights(stage_dir, state):
 
 
 def save_stage1(setup, folder):
-    """A Stage-1 checkpoint: SASRec weights named like UR4Rec's item_embedding/backbone groups."""
+    """A finished Stage 1: SASRec weights named like UR4Rec's item_embedding/backbone groups, and a
+    metrics.json (Stages 2-3 refuse an unfinished previous stage)."""
     import torch
 
     from ur4rec.models.sasrec import SASRec
@@ -63,6 +64,7 @@ def save_stage1(setup, folder):
     sasrec = SASRec(config.model, dataset.n_items, config.data.max_len)
     save_checkpoint(folder, sasrec, {"stage": 1, "data_fingerprint": dataset.fingerprint, "config": config.to_dict(),
                                      "n_items": dataset.n_items})
+    (folder / "metrics.json").write_text("{}")
     return sasrec
 
 

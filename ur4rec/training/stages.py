@@ -228,6 +228,8 @@ def check_previous_stage(run_dir: Path, spec: StageSpec, fingerprint: str, skip_
         problem = f"it was trained on data {info.get('data_fingerprint')}, not {fingerprint}"
     elif not (previous / "model.safetensors").exists():
         problem = "model.safetensors is missing"
+    elif not (previous / "metrics.json").exists():  # the next `train` of it would delete it (rundir.start_stage)
+        problem = "it never finished (no metrics.json: it stopped before its final evaluation); train it again"
     elif features is not None and info.get("features_fingerprint", features_fingerprint(features)) \
             != features_fingerprint(features):  # a Stage-1 checkpoint has none: it uses no features
         problem = (f"it was trained with other features ({info['features_fingerprint']}, these are "

@@ -406,6 +406,20 @@ def test_cli_stage3_with_skip_stage2_runs_from_stage1_and_evaluate_reproduces_it
     assert json.loads((run / "stage3/metrics.json").read_text()) == metrics  # evaluate never rewrites it
 
 
+def test_cli_tables_show_the_cut_offs_of_eval_ks(cli_config, tmp_path, capsys):
+    # eval.ks other than 5, 10, 20 is a valid config: train and evaluate print its metrics, not a KeyError
+    config, _ = cli_config
+    run = tmp_path / "run"
+    overrides = ["--set", "eval.ks=[20,1]", "--set", "eval.select_metric=ndcg@20"]
+    assert main(["train", "--config", str(config), "--stage", "1", "--run-dir", str(run), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "hr@1     hr@20    ndcg@1   ndcg@20       mrr mean_rank" in out and "hr@10" not in out
+    test = json.loads((run / "stage1/metrics.json").read_text())["test"]["full"]
+    assert f"{'SASRec (stage 1)':<20} {'full':<8} {test['hr@1']:>9.4f} {test['hr@20']:>9.4f}" in out
+    assert main(["evaluate", "--run-dir", str(run), "--stage", "1"]) == 0
+    assert "ndcg@20" in capsys.readouterr().out
+
+
 def test_evaluate_checks_the_kept_epochs_history_and_what_only_the_saved_files_hold(cli_config, tmp_path, capsys):
     config, _ = cli_config
     run = tmp_path / "run"
@@ -545,6 +559,9 @@ def test_cli_errors_exit_2_with_a_message(cli_config, setup, tmp_path, capsys):
     assert "no checkpoint in" in capsys.readouterr().err
     assert main(["ablate", "--config", str(config), "--run-dir", str(tmp_path), "--only", "gate_off,no_memroy"]) == 2
     assert "unknown ablation 'no_memroy'" in capsys.readouterr().err and built == []
+    assert main(["ablate", "--config", str(config), "--run-dir", str(tmp_path), "--set", "eval.ks=[5]",
+                 "--set", "eval.select_metric=ndcg@5"]) == 2  # its table needs @10: refused before training
+    assert "eval.ks must include 10, got [5]" in capsys.readouterr().err and built == []
     prepare_run(tmp_path / "b", *setup[:2])  # a run on other data
     assert main(["train", "--config", str(config), "--set", "data.synthetic_users=41", "--run-dir",
                  str(tmp_path / "b")]) == 2

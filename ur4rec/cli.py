@@ -17,8 +17,6 @@ from ur4rec.data import DataFormatError, DatasetNotFoundError, load_dataset
 from ur4rec.rundir import RunDirError
 from ur4rec.training.checkpoint import CheckpointError, read_checkpoint_info
 
-TABLE_METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr", "mean_rank")
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -283,8 +281,11 @@ def command_compare(args) -> int:
 
 
 def print_table(rows: dict[str, dict[str, dict[str, float]]], split: str, negatives: int) -> None:
-    """One line per model and protocol, the metrics of TABLE_METRICS as columns."""
-    header = f"{'model':<20} {'protocol':<8} " + " ".join(f"{m:>9}" for m in TABLE_METRICS)
+    """One line per model and protocol; the columns are the metrics every row has (eval.ks decides the
+    cut-offs): hr@k and ndcg@k by k, then mrr and mean_rank."""
+    shared = set.intersection(*(set(metrics[protocol]) for metrics in rows.values() for protocol in ("full", "sampled")))
+    columns = sorted(shared, key=_column_order)
+    header = f"{'model':<20} {'protocol':<8} " + " ".join(f"{m:>9}" for m in columns)
     print(f"\n{split} metrics (full = all items, seen excluded; sampled = 1 + {negatives} fixed negatives)")
     print(header)
     print("-" * len(header))
@@ -292,4 +293,9 @@ def print_table(rows: dict[str, dict[str, dict[str, float]]], split: str, negati
         for protocol in ("full", "sampled"):
             values = metrics[protocol]
             print(f"{name:<20} {protocol:<8} " + " ".join(
-                f"{values[m]:>9.1f}" if m == "mean_rank" else f"{values[m]:>9.4f}" for m in TABLE_METRICS))
+                f"{values[m]:>9.1f}" if m == "mean_rank" else f"{values[m]:>9.4f}" for m in columns))
+
+
+def _column_order(metric: str) -> tuple[int, int]:
+    name, _, k = metric.partition("@")
+    return ({"hr": 0, "ndcg": 1, "mrr": 2, "mean_rank": 3}.get(name, 4), int(k) if k.isdigit() else 0)

@@ -44,7 +44,10 @@ def ablation_variants(config: Config) -> dict[str, tuple[list[str], bool]]:
 
 
 def select_variants(config: Config, only: list[str] | None = None) -> dict[str, tuple[list[str], bool]]:
-    """The variants named in ``only`` (all when None); an unknown name is an error listing the known ones."""
+    """The variants named in ``only`` (all when None); an unknown name is an error listing the known ones,
+    and so is an ``eval.ks`` without the cut-off of the table's METRICS (before anything trains)."""
+    if 10 not in config.eval.ks:
+        raise ValueError(f"ur4rec ablate tabulates {', '.join(METRICS)}: eval.ks must include 10, got {config.eval.ks}")
     variants = ablation_variants(config)
     unknown = [name for name in only or [] if name not in variants]
     if unknown:

@@ -1,6 +1,6 @@
 import pytest
 
-from ur4rec.config import Config, ConfigError, describe
+from ur4rec.config import CHOICES, Config, ConfigError, describe
 
 
 def test_yaml_round_trip(tmp_path):
@@ -92,6 +92,19 @@ def test_overrides_are_type_checked_and_name_what_is_wrong():
     ("moe.retrieval_top_k=-1", "moe.retrieval_top_k must be 0 or more"),
     ("moe.gate_init=0", "moe.gate_init must be a non-zero number"),
     ("moe.gate_init=.nan", "moe.gate_init must be a non-zero number"),
+    # values known only where they are used, which for Stages 2-3 was after Stage 1 had trained
+    ("text.leak_policy=drpo", "text.leak_policy 'drpo' is not one of warn, drop, redact"),
+    ("text.backend=opneai", "text.backend 'opneai' is not one of template, openai"),
+    ("moe.experts=[visual, semantc]", "moe.experts 'semantc' is not one of visual, semantic, preference, fusion"),
+    ("moe.similarity=[txt]", "moe.similarity 'txt' is not one of text, image, collaborative"),
+    ("moe.gate=off", "moe.gate 'off' is not one of scalar, none"),
+    ("moe.gate_gradient=straight", "moe.gate_gradient 'straight' is not one of"),
+    ("moe.loss_weighting=learned", "moe.loss_weighting 'learned' is not one of fixed, uncertainty"),
+    ("moe.train_candidates=inbatch", "moe.train_candidates 'inbatch' is not one of sampled, in_batch, full"),
+    ("train.lr_schedule=cosin", "train.lr_schedule 'cosin' is not one of constant, cosine"),
+    ("train.precision=fp16", "train.precision 'fp16' is not one of auto, bf16, fp32"),
+    ("features.precision=fp16", "features.precision 'fp16' is not one of auto, bf16, fp32"),
+    ("train.loss=mse", "train.loss 'mse' is not one of ce, bpr, bce"),
 ])
 def test_values_the_code_cannot_use_are_refused_by_name(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -143,3 +156,18 @@ def test_moe_weights_scales_and_sizes_the_stages_cannot_use_are_named(setting, m
     # before: each was accepted and trained silently the wrong way, or failed later naming no config key
     with pytest.raises(ConfigError, match=message):
         Config().override([setting])
+
+
+def test_the_configs_choices_are_the_ones_the_code_knows():
+    from ur4rec.models.losses import LOSSES
+    from ur4rec.models.similarity import SOURCES
+    from ur4rec.models.ur4rec_model import EXPERTS
+    from ur4rec.precision import PRECISIONS
+    from ur4rec.text import BACKENDS, LEAK_POLICIES
+
+    assert (CHOICES["train.loss"], CHOICES["moe.experts"], CHOICES["moe.similarity"]) == (LOSSES, EXPERTS, SOURCES)
+    assert CHOICES["train.precision"] == CHOICES["features.precision"] == PRECISIONS
+    assert (CHOICES["text.backend"], CHOICES["text.leak_policy"]) == (BACKENDS, LEAK_POLICIES)
+    for key, known in CHOICES.items():  # every value the code knows is accepted
+        for value in known:
+            Config().override([f"{key}={[value] if key in ('moe.experts', 'moe.similarity') else value}"])

@@ -359,9 +359,27 @@ _MINIMA = {
 }
 
 
+# (field, the values the code knows): a text field with any other value, or a list field with any other
+# element, would fail only where it is used, which for Stages 2-3 is after Stage 1 has trained
+CHOICES = {
+    "train.loss": ("ce", "bpr", "bce"), "train.lr_schedule": ("constant", "cosine"),
+    "train.precision": ("auto", "bf16", "fp32"), "features.precision": ("auto", "bf16", "fp32"),
+    "text.backend": ("template", "openai", "transformers", "json"), "text.leak_policy": ("warn", "drop", "redact"),
+    "moe.experts": ("visual", "semantic", "preference", "fusion"), "moe.similarity": ("text", "image", "collaborative"),
+    "moe.gate": ("scalar", "none"), "moe.gate_gradient": ("straight_through", "plain"),
+    "moe.loss_weighting": ("fixed", "uncertainty"), "moe.train_candidates": ("sampled", "in_batch", "full"),
+}
+
+
 def _check_values(config: Config, where: str) -> None:
     """Values each field's type allows but the code cannot use: a ConfigError naming the field."""
     values = config.to_dict()
+    for key, known in CHOICES.items():
+        section, name = key.split(".")
+        value = values[section][name]
+        for element in value if isinstance(value, list) else [value]:
+            if element not in known:
+                raise ConfigError(f"{where}: {key} {element!r} is not one of {', '.join(known)}")
     for key, least in _MINIMA.items():
         section, name = key.split(".")
         value = values[section].get(name)

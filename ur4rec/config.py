@@ -385,6 +385,8 @@ def _check_values(config: Config, where: str) -> None:
         value = values[section].get(name)
         if value is not None and value < least:
             raise ConfigError(f"{where}: {key} must be {least} or more, got {value}")
+    if not 0.0 <= config.data.synthetic_noise <= 1.0:
+        raise ConfigError(f"{where}: data.synthetic_noise is a probability, in [0, 1]; got {config.data.synthetic_noise}")
     if not 0.0 <= config.model.dropout < 255.5 / 256:  # sasrec.Dropout draws in steps of 1/256 (MAX_DROPOUT)
         raise ConfigError(f"{where}: model.dropout must be in [0, 1) and round below 256/256 (it is applied in "
                           f"steps of 1/256), got {config.model.dropout}")
@@ -418,3 +420,8 @@ def _check_values(config: Config, where: str) -> None:
         value = values[section][name]
         if value is not None and not value.strip():  # e.g. --set data.path=$UNSET: not the current folder
             raise ConfigError(f"{where}: {key} is empty; give a path, or null for the default")
+    for section in dataclasses.fields(config):  # a NaN passes the comparisons above (grad_clip nan = no clipping)
+        for f in dataclasses.fields(getattr(config, section.name)):
+            value = values[section.name][f.name]
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{where}: {section.name}.{f.name} must be a finite number, got {value}")

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import logging
 import re
@@ -381,6 +382,35 @@ def test_openai_backend_retries_a_refused_connection(synthetic, monkeypatch, sle
                                                    r"attempts; last: no response \(.*refused"):
         make_generator(config, synthetic).generate(build_requests(synthetic)[0])
     assert sleeps == [0.01]
+
+
+def test_openai_backend_offline_fails_at_once_saying_what_to_do(synthetic, monkeypatch, sleeps):
+    # a host name that does not resolve (no network, or a typo): an error at once, not a minute of retries
+    import urllib.error
+    import urllib.request
+
+    attempts = []
+
+    def unresolvable(request, timeout):
+        attempts.append(request.full_url)
+        raise urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", unresolvable)
+    config = openai_config(SimpleNamespace(base_url="http://ur4rec-no-such-host.invalid/v1"), monkeypatch)
+    generator = make_generator(config, synthetic)
+    with pytest.raises(OpenAIResponseError, match=r"ur4rec-no-such-host.invalid/v1/chat/completions: cannot resolve "
+                                                   r"the host name .*offline, or a wrong text.openai_base_url.*"
+                                                   r"text.backend template, json or transformers"):
+        generator.generate(build_requests(synthetic)[0])
+    assert len(attempts) == 1 and sleeps == []
+    # once the endpoint has answered, a failed look-up is a blip: retried
+    answer = SimpleNamespace(read=lambda: success("ok"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: contextlib.nullcontext(answer))
+    assert generator.generate(build_requests(synthetic)[0]) == "ok"
+    monkeypatch.setattr(urllib.request, "urlopen", unresolvable)
+    with pytest.raises(OpenAIResponseError, match="gave up after 3 attempts; last: no response"):
+        generator.generate(build_requests(synthetic)[0])
+    assert len(attempts) == 4 and len(sleeps) == 2
 
 
 def test_openai_backend_malformed_json_is_a_clear_error(synthetic, monkeypatch):

@@ -7,7 +7,9 @@ Ollama, LM Studio and hosted Qwen/DeepSeek endpoints alike.
 Failures: HTTP 429 and 5xx, timeouts and refused connections are retried up to
 ``max_retries`` times with exponential back-off (``retry_backoff``, doubling; a server's
 ``Retry-After`` header is honoured when longer); other HTTP errors fail at once, and so does
-a response that is not the JSON the API promises. Every error names the endpoint and says
+a response that is not the JSON the API promises, and a host name that does not resolve before
+the endpoint has ever answered (offline, or a mistyped base URL: retrying would only wait a
+minute to say so). Every error names the endpoint and says
 what was wrong. Requests are spaced to stay under ``requests_per_minute``.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -49,6 +52,7 @@ class OpenAIGenerator(TextGenerator):
         self.backend = f"openai:{self.model}"
         self.settings = json.dumps([self.url, SYSTEM_PROMPT, self.temperature, self.max_tokens])
         self._last_request = float("-inf")
+        self._answered = False  # whether the endpoint has answered once (a later DNS failure is retried)
 
     def prompt(self, request: TextRequest) -> str:
         return user_prompt(request, self.history_items) if request.kind == "user" else item_prompt(request)
@@ -81,14 +85,23 @@ class OpenAIGenerator(TextGenerator):
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
+                    payload = response.read()
+                self._answered = True
+                return payload
             except urllib.error.HTTPError as error:
+                self._answered = True
                 detail = error.read().decode("utf-8", errors="replace")[:300]
                 if error.code not in RETRY_STATUSES:
                     raise OpenAIResponseError(f"{self.url}: HTTP {error.code} {error.reason}: {detail}") from error
                 problem = f"HTTP {error.code} {error.reason}: {detail}"
                 wait = max(delay, _retry_after(error.headers.get("Retry-After")))
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
+                if isinstance(getattr(error, "reason", None), socket.gaierror) and not self._answered:
+                    raise OpenAIResponseError(
+                        f"{self.url}: cannot resolve the host name ({error.reason}): offline, or a wrong "
+                        "text.openai_base_url. Generate the texts where the endpoint can be reached (the cache in "
+                        "RUN/texts/ is then reused), or use text.backend template, json or transformers"
+                    ) from error
                 problem = f"no response ({getattr(error, 'reason', error)})"
                 wait = delay
             if attempt == self.max_retries:

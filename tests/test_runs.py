@@ -545,6 +545,7 @@ def test_cli_train_refuses_a_later_stage_without_its_predecessor_before_building
 def test_cli_stages_must_be_increasing_stage_numbers(cli_config, tmp_path, capsys):
     config, _ = cli_config
     for stages_arg, message in (("2,1", "stages are 1, 2, 3 in increasing order"), ("1,4", "increasing order"),
+                                ("1,1", "increasing order"),  # not Stage 1 twice, the first moved to stage1.prev
                                 ("1,x", "expected comma-separated stage numbers")):
         assert main(["train", "--config", str(config), "--stages", stages_arg, "--run-dir", str(tmp_path)]) == 2
         assert message in capsys.readouterr().err, stages_arg

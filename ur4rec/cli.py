@@ -132,7 +132,7 @@ def _stages(args) -> list[int]:
             stages = [int(part) for part in args.stages.split(",")]
         except ValueError:
             raise ValueError(f"--stages {args.stages!r}: expected comma-separated stage numbers, e.g. 1,2,3") from None
-        if any(stage not in (1, 2, 3) for stage in stages) or stages != sorted(stages):
+        if any(stage not in (1, 2, 3) for stage in stages) or stages != sorted(set(stages)):
             raise ValueError(f"--stages {args.stages!r}: stages are 1, 2, 3 in increasing order")
     else:
         stages = [args.stage or 1]

@@ -177,6 +177,25 @@ def test_feature_store_reuses_sets_and_force_rebuilds(smoke_config, synthetic, t
     assert CountingEncoder.calls == 6
 
 
+def test_a_forced_rebuild_stopped_half_way_leaves_a_set_that_is_rebuilt_not_reused(tmp_path, monkeypatch):
+    from ur4rec.features import store
+
+    folder = tmp_path / "set"
+    store.save_set(folder, {"a": np.zeros(2), "b": np.zeros(2)}, {"kind": "text"})
+    saved, real_save = [], np.save
+
+    def stopped(path, array):  # the second array of the rebuild never gets written
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(path)
+        real_save(path, array)
+
+    monkeypatch.setattr(store.np, "save", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        store.save_set(folder, {"a": np.ones(2), "b": np.ones(2)}, {"kind": "text"})
+    assert store.read_manifest(folder) is None  # old b.npy beside a new a.npy: not a complete set
+
+
 def test_load_features_names_what_is_missing(synthetic, tmp_path, smoke_config, monkeypatch):
     with pytest.raises(FeaturesNotFoundError, match="ur4rec features text --run-dir"):
         load_features(tmp_path / "empty", synthetic)

@@ -18,7 +18,7 @@ from ur4rec.cli import main
 from ur4rec.data import load_dataset
 from ur4rec.evaluation import metrics_from_ranks
 from ur4rec.evaluation.compare import read_epoch_ranks, read_ranks
-from ur4rec.reproduce import compare_outputs
+from ur4rec.reproduce import check_history, compare_outputs
 from ur4rec.rundir import EpochRanks, RunDirError, prepare_run, write_json, write_ranks
 from ur4rec.training import checkpoint, stages, trainer
 from ur4rec.training.checkpoint import save_checkpoint
@@ -599,6 +599,48 @@ def test_compare_outputs_holds_ranks_and_ids_exactly_and_decimals_to_the_toleran
     ]
     (fresh / "internals/a.csv").write_text("user_id,item_id,rank\n")
     assert compare_outputs(saved, fresh)[2][0].startswith("internals/a.csv: header ['user_id', 'item_id', 'rank', 'weight']")
+
+
+def test_compare_outputs_holds_metrics_to_a_relative_1e_6_and_counts_a_saved_nan(tmp_path):
+    saved, fresh = tmp_path / "saved", tmp_path / "fresh"
+    for folder in (saved, fresh):
+        (folder / "stage1").mkdir(parents=True)
+    write_json(fresh / "stage1/metrics.json", {"test": {"full": {"ndcg@10": 0.25, "mrr": 0.5}}})
+    write_json(saved / "stage1/metrics.json", {"test": {"full": {"ndcg@10": 0.25 * (1 + 1e-5), "mrr": 0.5 * (1 + 1e-8)}}})
+    np.savez(fresh / "stage1/a.npz", w=np.array([0.5, 0.25]))
+    np.savez(saved / "stage1/a.npz", w=np.array([0.5, np.nan]))
+    assert compare_outputs(saved, fresh)[2] == [
+        "stage1/metrics.json: test/full/ndcg@10: saved 0.2500025 vs now 0.25",  # 1e-5 off is a difference, 1e-8 not
+        "stage1/a.npz: w differs by up to nan at 1 of 2 entries",
+    ]
+
+
+def test_check_history_wants_the_log_line_of_a_kept_epoch_after_0(tmp_path):
+    # Stages 2-3 log no line for epoch 0 (the loaded weights); any later kept epoch must have one
+    saved, fresh = tmp_path / "saved" / "stage2", tmp_path / "fresh" / "stage2"
+    for folder in (saved, fresh):
+        folder.mkdir(parents=True)
+    write_json(fresh / "metrics.json", {"valid": {"full": {"ndcg@10": 0.5}}})
+    (saved / "log.jsonl").write_text(json.dumps({"epoch": 1, "valid": {"full": {"ndcg@10": 0.4}}}) + "\n")
+    for epoch, expected in ((0, []), (2, ["stage2/log.jsonl: no line for the kept epoch 2"])):
+        write_json(saved / "checkpoint.json", {"stage": 2, "epoch": epoch,
+                                               "best": {"metric": "valid/full/ndcg@10", "value": 0.5}})
+        assert check_history(saved, fresh)[1] == expected, epoch
+
+
+def test_the_pop_baseline_of_each_split_is_ranked_on_that_split(setup, tmp_path):
+    from ur4rec.cli import write_pop_baseline
+    from ur4rec.evaluation import Popularity, build_eval_inputs, evaluate, sample_negatives
+
+    config, dataset, _ = setup
+    pop = write_pop_baseline(tmp_path, dataset, config)
+    negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
+    for split in ("valid", "test"):
+        expected = evaluate(Popularity(dataset), build_eval_inputs(dataset, split, config.data.max_len, negatives),
+                            config.eval).metrics
+        assert pop[split] == expected, split
+    assert pop["valid"] != pop["test"]
+    assert json.loads((tmp_path / "baselines/pop/metrics.json").read_text()) == pop
 
 
 def test_a_stopped_ablation_rerun_keeps_no_row_for_the_variant_it_was_retraining(setup, stage1, tmp_path, monkeypatch):

@@ -420,6 +420,26 @@ def test_cli_tables_show_the_cut_offs_of_eval_ks(cli_config, tmp_path, capsys):
     assert "ndcg@20" in capsys.readouterr().out
 
 
+def test_evaluate_runs_where_the_training_device_is_missing(cli_config, tmp_path, capsys):
+    # a run trained on a GPU is checked on a laptop: the saved train.device is not available here, so
+    # evaluate says so and runs on cpu (it used to fail moving the model there); --device chooses
+    config, _ = cli_config
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--stage", "1", "--run-dir", str(run)]) == 0
+    path = run / "stage1/checkpoint.json"
+    info = json.loads(path.read_text())
+    info["config"]["train"]["device"] = "cuda:7"  # no such device on the machines tests run on
+    path.write_text(json.dumps(info))
+    capsys.readouterr()
+    assert main(["evaluate", "--run-dir", str(run), "--stage", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "train.device is 'cuda:7'" in err and "evaluating on cpu instead" in err
+    assert main(["evaluate", "--run-dir", str(run), "--stage", "1", "--device", "cpu"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["evaluate", "--run-dir", str(run), "--stage", "1", "--device", "nonsense"]) == 2
+    assert "--device 'nonsense' is not a torch device" in capsys.readouterr().err
+
+
 def test_evaluate_checks_the_kept_epochs_history_and_what_only_the_saved_files_hold(cli_config, tmp_path, capsys):
     config, _ = cli_config
     run = tmp_path / "run"

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "checkpoint and check it")
     evaluate.add_argument("--run-dir", required=True, type=Path, help="run directory to read")
     evaluate.add_argument("--stage", type=int, default=1, help="stage to evaluate (default 1)")
+    evaluate.add_argument("--device", help="evaluate on this device (default: the one the stage trained on, or cpu "
+                                           "where that one is not available here)")
     evaluate.set_defaults(handler=command_evaluate)
 
     compare = commands.add_parser("compare", help="paired difference of two sets of runs, user by user, from "
@@ -218,6 +220,7 @@ def command_evaluate(args) -> int:
     stage_path = args.run_dir / f"stage{args.stage}"
     info = read_checkpoint_info(stage_path)
     config = Config.from_dict(info["config"], source=str(stage_path / "checkpoint.json"))
+    config = config.override([f"train.device={evaluation_device(config.train.device, args.device)}"])
     dataset = load_dataset(config.data)
     with tempfile.TemporaryDirectory(prefix="ur4rec-evaluate-") as scratch:
         fresh = Path(scratch)  # laid out like the run directory
@@ -278,6 +281,21 @@ def command_compare(args) -> int:
         print("valid-oh: validation at the epoch chosen on the other half of the users (50 random halvings), "
               "which the choice of epoch cannot flatter")
     return 0
+
+
+def evaluation_device(trained_on: str, asked: str | None) -> str:
+    """``--device`` when given (it must work here); else the training device, or cpu where that one is
+    not available here (said on stderr: scores on another device may differ in the last bits, and a
+    rank that moves with them shows as a difference)."""
+    from ur4rec.precision import check_device
+
+    if asked:
+        return check_device(asked, "--device")
+    try:
+        return check_device(trained_on, "train.device")
+    except ValueError as error:
+        print(f"{error}: evaluating on cpu instead (pass --device to choose)", file=sys.stderr)
+        return "cpu"
 
 
 def print_table(rows: dict[str, dict[str, dict[str, float]]], split: str, negatives: int) -> None:

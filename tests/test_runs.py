@@ -513,6 +513,19 @@ def test_evaluate_checks_the_kept_epochs_history_and_what_only_the_saved_files_h
         payload["best"]["value"] += 0.01
 
     assert f"written by ur4rec commit {'0' * 40}" in edit(3, "checkpoint.json", in_json(other_commit))
+    # history files deleted: log.jsonl is a difference, valid_ranks_by_epoch.csv is listed as not checked
+    copy = tmp_path / "copy"
+    for stage in (1, 3):
+        shutil.rmtree(copy)
+        shutil.copytree(run, copy)
+        (copy / f"stage{stage}/log.jsonl").unlink()
+        assert main(["evaluate", "--run-dir", str(copy), "--stage", str(stage)]) == 1
+        assert f"stage{stage}/log.jsonl is missing" in capsys.readouterr().err
+    shutil.rmtree(copy)
+    shutil.copytree(run, copy)
+    (copy / "stage3/valid_ranks_by_epoch.csv").unlink()
+    assert main(["evaluate", "--run-dir", str(copy), "--stage", "3"]) == 0
+    assert "so not checked: " in (out := capsys.readouterr().out) and "stage3/valid_ranks_by_epoch.csv" in out
     # a stage that never reached its final evaluation is not reproduced, though the Pop baseline is
     (run / "stage1/metrics.json").unlink()
     assert main(["evaluate", "--run-dir", str(run), "--stage", "1"]) == 1

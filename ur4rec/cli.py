@@ -245,6 +245,8 @@ def command_evaluate(args) -> int:
         if finished:  # the kept epoch's entries in the training history
             checked, history_differences = check_history(stage_path, fresh / stage_path.name, state)
             compared, differences = compared + checked, differences + history_differences
+            if not (stage_path / "valid_ranks_by_epoch.csv").exists():  # runs before 2026-11-24 have none
+                absent.append(f"{stage_path.name}/valid_ranks_by_epoch.csv")
     if absent:
         print(f"not in {args.run_dir}, so not checked: {', '.join(absent)}")
     if differences:

@@ -194,7 +194,9 @@ def check_history(saved: Path, fresh: Path, state: dict | None = None) -> tuple[
             if key in state:
                 logged[key], expected[key] = record.get(key), state[key]
         differences += [f"{stage}/log.jsonl epoch {epoch}: {d}" for d in _compare_nested(logged, expected, "its line")]
-    elif log.exists() and not (epoch == 0 and info.get("stage", 1) > 1):
+    elif not log.exists():  # every stage writes it from its first epoch on
+        differences.append(f"{stage}/log.jsonl is missing: the stage's training history is gone")
+    elif not (epoch == 0 and info.get("stage", 1) > 1):
         differences.append(f"{stage}/log.jsonl: no line for the kept epoch {epoch}")
 
     by_epoch = saved / "valid_ranks_by_epoch.csv"

@@ -288,6 +288,18 @@ def test_a_previous_stage_built_with_other_heads_or_features_is_refused(setup, t
     assert not (tmp_path / "stage3").exists()
 
 
+def test_reloading_a_stage_with_other_features_says_how_to_get_its_own_back(setup, three_stages):
+    from tiny_run import random_features
+
+    from ur4rec.training.checkpoint import CheckpointError
+
+    _, dataset, _ = setup
+    run, _ = three_stages
+    with pytest.raises(CheckpointError, match=r"stage2 was trained with other features .*manifest.json now names "
+                                              r"other feature sets\. Build the ones it used again"):
+        stages.load_stage_model(run / "stage2", random_features(dataset, seed=1), dataset)
+
+
 def test_a_stage_does_not_start_from_an_unfinished_previous_stage(setup, three_stages, tmp_path):
     # a Stage 1 stopped before its final evaluation (no metrics.json) is started over by the next
     # `train --stage 1`, which would then move a Stage 2 built on it over the finished stage2.prev

@@ -287,8 +287,12 @@ def load_stage_model(stage_directory: Path, features, dataset: SequenceDataset) 
         raise CheckpointError(f"{stage_directory} was trained on data {info.get('data_fingerprint')}, "
                               f"not on {dataset.fingerprint}")
     if info.get("features_fingerprint") != features_fingerprint(features):
-        raise CheckpointError(f"{stage_directory} was trained with other features "
-                              f"({info.get('features_fingerprint')}, these are {features_fingerprint(features)})")
+        run = stage_directory.parent
+        raise CheckpointError(
+            f"{stage_directory} was trained with other features ({info.get('features_fingerprint')}, these are "
+            f"{features_fingerprint(features)}): {run / 'features' / 'manifest.json'} now names other feature sets. "
+            f"Build the ones it used again with the text and features settings of its checkpoint.json "
+            f"(`ur4rec features text|image --config C --run-dir {run}`, C holding those settings)")
     if (info["n_items"], info["n_users"]) != (dataset.n_items, dataset.n_users):
         raise CheckpointError(f"{stage_directory}: n_items/n_users differ from the dataset")
     config = Config.from_dict(info["config"], source=str(stage_directory / "checkpoint.json"))

@@ -135,7 +135,9 @@ def test_weights_that_are_not_the_checkpoints_own_are_refused(smoke_config, synt
     (stage / "checkpoint.json").write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
         load_model(stage)
-    for text, problem in (("{", "not valid JSON"), ("[]", "expected a checkpoint description, got a JSON list"), ('{"stage": 1}', "missing field")):
+    for text, problem in (("{", "not valid JSON"), ("[]", "expected a checkpoint description, got a JSON list"), ('{"stage": 1}', "missing field"),
+                          ('{"stage": 2, "config": {}, "n_items": 9, "data_fingerprint": "f"}',
+                           "missing field.s. n_users, features_fingerprint")):
         (stage / "checkpoint.json").write_text(text)
         with pytest.raises(CheckpointError, match=f"checkpoint.json: {problem}"):
             load_model(stage)

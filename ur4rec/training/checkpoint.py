@@ -88,7 +88,10 @@ def read_checkpoint_info(stage_dir: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"no checkpoint in {stage_dir}: {path.name} is missing (was the stage trained?)")
     info = read_json(path, "a checkpoint description", CheckpointError)
-    missing = [key for key in ("stage", "config", "n_items", "data_fingerprint") if key not in info]
+    required = ("stage", "config", "n_items", "data_fingerprint")
+    if info.get("stage") in (2, 3):  # a multimodal stage is rebuilt for its users, with its features
+        required += ("n_users", "features_fingerprint")
+    missing = [key for key in required if key not in info]
     if missing:
         raise CheckpointError(f"{path}: missing field(s) {', '.join(missing)}")
     if not isinstance(info["config"], dict):

@@ -106,8 +106,10 @@ def recommendation_loss(name: str, states: torch.Tensor, targets: torch.Tensor, 
         return full_softmax_cross_entropy(states, item_table[1:], targets - 1, smoothing=smoothing)
     if negatives is None:
         raise ValueError(f"loss {name!r} needs sampled negatives")
-    positive = (states * item_table[targets]).sum(-1)  # (N,)
-    negative = score(states, item_table[negatives])  # (N, k)
+    # F.embedding, not item_table[targets]: its backward adds a repeated item's gradients in a fixed
+    # order, where the indexing's (an accumulating index_put_) adds them as threads reach them
+    positive = (states * F.embedding(targets, item_table)).sum(-1)  # (N,)
+    negative = score(states, F.embedding(negatives, item_table))  # (N, k)
     if name == "bpr":
         return F.softplus(negative - positive[:, None]).mean()
     if name == "bce":

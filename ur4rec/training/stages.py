@@ -73,6 +73,7 @@ from ur4rec.training.trainer import (
     NonFiniteLossError,
     StageResult,
     autocast,
+    deterministic_kernels,
     kept_checkpoint,
     learning_rate,
     length_bucketed_batches,
@@ -649,8 +650,9 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
     for epoch in bar:
         start = time.perf_counter()
         try:
-            losses = train_multimodal_epoch(model, optimizer, trainable, windows, config, rng, generator, epoch,
-                                            uncertainty)
+            with deterministic_kernels(device):
+                losses = train_multimodal_epoch(model, optimizer, trainable, windows, config, rng, generator, epoch,
+                                                uncertainty)
         except NonFiniteLossError as error:
             raise NonFiniteLossError(f"{error}; {kept_checkpoint(out, best_epoch)}") from None
         epoch_seconds.append(time.perf_counter() - start)

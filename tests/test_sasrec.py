@@ -187,6 +187,29 @@ def test_recommendation_losses_match_their_formulas():
                           (F.softplus(-positive) + F.softplus(negative).mean(-1)).mean(), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["bpr", "bce"])
+def test_sampled_losses_give_the_same_gradient_every_time_on_two_threads(name):
+    # a popular item's gradient is a sum over every row that holds it: gathered by indexing, two
+    # threads added those terms in whatever order they reached them (8 different gradients in 8
+    # backward passes of this size); F.embedding adds them in a fixed order
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        table = torch.randn(50, 64, generator=generator, requires_grad=True)
+        states = torch.randn(100_000, 64, generator=generator)
+        targets = torch.randint(1, 50, (100_000,), generator=generator)
+        negatives = torch.randint(1, 50, (100_000, 2), generator=generator)
+        gradients = set()
+        for _ in range(4):
+            table.grad = None
+            recommendation_loss(name, states, targets, table, negatives).backward()
+            gradients.add(table.grad.numpy().tobytes())
+        assert len(gradients) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_training_negatives_are_real_items_other_than_the_target():
     targets = torch.arange(1, 6).repeat(2000)
     negatives = training_negatives(targets, 5, 8, torch.Generator().manual_seed(0))

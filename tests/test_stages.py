@@ -233,6 +233,26 @@ def test_the_load_report_lists_the_checkpoint_keys_outside_the_loaded_groups(set
     assert report.as_dict()["not_loaded"] == outside
 
 
+def test_stages_2_3_train_with_deterministic_kernels_and_put_the_switch_back(setup, tmp_path, monkeypatch):
+    # the backward of indexing a trainable table (memory values, candidate tables) adds repeated
+    # indices' gradients in thread order unless PyTorch's deterministic kernels are on: two Stage-3
+    # runs of one seed on ML-100K gave different weights
+    config, dataset, features = setup
+    prepare_run(tmp_path, config, dataset)
+    save_stage1(setup, tmp_path / "stage1")
+    seen = []
+    real = stages.train_multimodal_epoch
+
+    def spy(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "train_multimodal_epoch", spy)
+    assert not torch.are_deterministic_algorithms_enabled()
+    train_stage(config.override(["moe.stage_epochs=2"]), dataset, features, tmp_path, 2)
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
+
+
 def test_a_reshaped_key_is_a_load_error_and_nothing_loads(setup, tmp_path):
     config, dataset, features = setup
     save_stage1(setup, tmp_path / "stage1")

@@ -361,6 +361,10 @@ _MINIMA = {
 
 # (field, the values the code knows): a text field with any other value, or a list field with any other
 # element, would fail only where it is used, which for Stages 2-3 is after Stage 1 has trained
+# sasrec.Dropout draws in steps of 1/256: from here on p rounds to 256/256, everything dropped and no
+# scale to keep the mean
+MAX_DROPOUT = 255.5 / 256
+
 CHOICES = {
     "train.loss": ("ce", "bpr", "bce"), "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("auto", "bf16", "fp32"), "features.precision": ("auto", "bf16", "fp32"),
@@ -387,7 +391,7 @@ def _check_values(config: Config, where: str) -> None:
             raise ConfigError(f"{where}: {key} must be {least} or more, got {value}")
     if not 0.0 <= config.data.synthetic_noise <= 1.0:
         raise ConfigError(f"{where}: data.synthetic_noise is a probability, in [0, 1]; got {config.data.synthetic_noise}")
-    if not 0.0 <= config.model.dropout < 255.5 / 256:  # sasrec.Dropout draws in steps of 1/256 (MAX_DROPOUT)
+    if not 0.0 <= config.model.dropout < MAX_DROPOUT:
         raise ConfigError(f"{where}: model.dropout must be in [0, 1) and round below 256/256 (it is applied in "
                           f"steps of 1/256), got {config.model.dropout}")
     if not 0.0 <= config.train.label_smoothing < 1.0:

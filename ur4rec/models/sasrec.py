@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ur4rec.config import ModelConfig
+from ur4rec.config import MAX_DROPOUT, ModelConfig
 from ur4rec.models.scoring import score
 
 
@@ -38,9 +38,6 @@ def attention_mask(valid: torch.Tensor) -> torch.Tensor:
     mask = causal & valid[:, None, :]  # (B, T, T): key j <= query i and key j real
     mask = mask | torch.eye(T, dtype=torch.bool, device=valid.device)  # never an empty row
     return mask[:, None]  # (B, 1, T, T)
-
-
-MAX_DROPOUT = 255.5 / 256  # from here on p rounds to 256/256: everything dropped, and no scale to keep the mean
 
 
 class Dropout(nn.Module):

@@ -38,6 +38,24 @@ def test_auto_on_cuda_asks_the_device_for_bf16(monkeypatch):  # no GPU needed: t
     assert resolve_precision("auto", "cuda") == "bf16"
 
 
+def test_auto_on_a_numbered_gpu_asks_that_gpu(monkeypatch):  # no GPU needed: the queries are patched
+    import contextlib
+
+    current = [0]
+
+    @contextlib.contextmanager
+    def select(device):
+        previous, current[0] = current[0], torch.device(device).index
+        yield
+        current[0] = previous
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", select)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: current[0] == 1)
+    # before: cuda:1 was judged by the current GPU (cuda:0 here)
+    assert resolve_precision("auto", "cuda:1") == "bf16"
+    assert resolve_precision("auto", "cuda:0") == "fp32"
+
 
 @pytest.mark.parametrize("device", ["mps", "xpu", "meta"])
 def test_a_device_whose_backend_torch_lacks_here_is_named(device):

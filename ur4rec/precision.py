@@ -20,7 +20,12 @@ def native_bf16(device: str) -> bool:
     """True where ``device`` computes bf16 in hardware."""
     kind = torch.device(device).type
     if kind == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        if torch.device(device).index is None:
+            return torch.cuda.is_bf16_supported()
+        with torch.cuda.device(torch.device(device)):  # ask the GPU named, not the current one
+            return torch.cuda.is_bf16_supported()
     if kind == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False

@@ -374,6 +374,15 @@ def test_an_item_id_given_twice_names_both_lines(tmp_path):
         load_movielens("ml-1m", tmp_path / "ml1m")
 
 
+def test_a_u_item_line_with_too_many_fields_names_its_line(tmp_path):
+    write_raw_100k(tmp_path, RATINGS)
+    with open(tmp_path / "u.item", "a") as handle:
+        handle.write(f"7|A | B (1990)|01-Jan-1990||http://x|{GENRE_FLAGS}\n")
+    # before: a title holding '|' (25 fields) was read, with every genre flag shifted by one
+    with pytest.raises(DataFormatError, match=r"u\.item, line 6: expected 24 '\|'-separated fields .* got 25"):
+        load_movielens("ml-100k", tmp_path)
+
+
 def test_another_datasets_raw_files_are_not_read_under_this_name(tmp_path):
     write_raw_100k(tmp_path, RATINGS)
     with pytest.raises(DataFormatError, match=r"holds u\.data, the ml-100k raw ratings, but data\.name is 'ml-1m'"):
@@ -467,7 +476,7 @@ def test_short_item_lines_and_a_wrong_atomic_header_name_file_and_line(tmp_path)
     write_raw_100k(tmp_path / "raw", RATINGS)
     with open(tmp_path / "raw" / "u.item", "a") as handle:
         handle.write("11|Eleven (1995)|01-Jan-1995||http://x|0|0|1\n")  # genre flags cut short
-    with pytest.raises(DataFormatError, match=r"u\.item, line 6: expected 24 '\|'-separated fields, got 8"):
+    with pytest.raises(DataFormatError, match=r"u\.item, line 6: expected 24 '\|'-separated fields .*, got 8"):
         load_movielens("ml-100k", tmp_path / "raw")
     (tmp_path / "ml1m").mkdir()
     (tmp_path / "ml1m" / "ratings.dat").write_text("1::10::5::100\n")

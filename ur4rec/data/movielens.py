@@ -267,10 +267,10 @@ def _read_raw_100k(name: str, folder: Path) -> RawInteractions:
                 if not line.strip():
                     continue
                 parts = line.rstrip("\r\n").split("|")
-                if len(parts) < 5 + len(ML100K_GENRES):
+                if len(parts) != 5 + len(ML100K_GENRES):  # more would shift the genre flags
                     raise DataFormatError(
                         f"{item_file}, line {line_number}: expected {5 + len(ML100K_GENRES)} "
-                        f"'|'-separated fields, got {len(parts)}"
+                        f"'|'-separated fields (id, title, date, video date, URL, 19 genre flags), got {len(parts)}"
                     )
                 title, year = _title_and_year(parts[1], parts[2])
                 flags = parts[5 : 5 + len(ML100K_GENRES)]

@@ -105,6 +105,7 @@ def test_overrides_are_type_checked_and_name_what_is_wrong():
     ("train.precision=fp16", "train.precision 'fp16' is not one of auto, bf16, fp32"),
     ("features.precision=fp16", "features.precision 'fp16' is not one of auto, bf16, fp32"),
     ("train.loss=mse", "train.loss 'mse' is not one of ce, bpr, bce"),
+    ("data.name=ml-20m", "data.name 'ml-20m' is not one of ml-100k, ml-1m, synthetic"),  # was accepted until loading
     ("train.grad_clip=.nan", "train.grad_clip must be a finite number, got nan"),
     ("moe.alignment_weight=.inf", "moe.alignment_weight must be a finite number, got inf"),
     ("data.synthetic_noise=1.5", "data.synthetic_noise is a probability, in \\[0, 1\\]; got 1.5"),

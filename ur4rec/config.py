@@ -366,6 +366,7 @@ _MINIMA = {
 MAX_DROPOUT = 255.5 / 256
 
 CHOICES = {
+    "data.name": ("ml-100k", "ml-1m", "synthetic"),  # ur4rec.data.load_dataset
     "train.loss": ("ce", "bpr", "bce"), "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("auto", "bf16", "fp32"), "features.precision": ("auto", "bf16", "fp32"),
     "text.backend": ("template", "openai", "transformers", "json"), "text.leak_policy": ("warn", "drop", "redact"),

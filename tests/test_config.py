@@ -164,6 +164,26 @@ def test_moe_weights_scales_and_sizes_the_stages_cannot_use_are_named(setting, m
         Config().override([setting])
 
 
+@pytest.mark.parametrize("setting, message", [
+    # numpy's own error, naming no key ("low >= high", "lam < 0", "expected non-negative integer")
+    ("data.synthetic_items=0", "data.synthetic_items must be 1 or more"),
+    ("data.synthetic_length=-3", "data.synthetic_length must be 0 or more"),
+    ("data.synthetic_seed=-1", "data.synthetic_seed must be 0 or more"),
+    ("train.seed=-1", "train.seed must be 0 or more"),
+    ("eval.sample_seed=-1", "eval.sample_seed must be 0 or more"),  # after the finished stages were moved aside
+    ("data.synthetic_users=0", "data.synthetic_users must be 1 or more"),  # blamed data.min_interactions
+    # LLM backends: refused when the generator was built, in `train --stages 1,2` after Stage 1 had trained
+    ("text.max_retries=-1", "text.max_retries must be 0 or more"),
+    ("text.max_new_tokens=0", "text.max_new_tokens must be 1 or more"),
+    ("text.retry_backoff=-1", "text.retry_backoff must be 0 or more"),  # time.sleep raised on the first retry
+    ("text.temperature=-0.5", "text.temperature must be 0 or more"),
+    ("text.request_timeout=0", "text.request_timeout must be a positive number"),  # every request failed at once
+])
+def test_data_seed_and_text_settings_the_code_cannot_use_are_named(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        Config().override([setting])
+
+
 def test_the_configs_choices_are_the_ones_the_code_knows():
     from ur4rec.models.losses import LOSSES
     from ur4rec.models.similarity import SOURCES

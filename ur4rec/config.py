@@ -354,6 +354,11 @@ _MINIMA = {
     "moe.eval_chunk_size": 1, "features.batch_size": 1, "moe.short_term_size": 0, "moe.long_term_capacity": 0,
     "moe.retrieval_top_k": 0, "moe.router_hidden": 1, "moe.image_dim": 1, "moe.num_negatives": 0,
     "moe.hard_negatives": 0, "moe.rows_per_window": 0, "moe.attention_sample_users": 0,
+    "data.synthetic_users": 1, "data.synthetic_items": 1, "data.synthetic_length": 0,
+    # seeds: numpy's generators take none below 0
+    "data.synthetic_seed": 0, "train.seed": 0, "eval.sample_seed": 0,
+    # LLM backends, which build their generator only when texts are made (for Stages 2-3, after Stage 1)
+    "text.max_retries": 0, "text.max_new_tokens": 1, "text.retry_backoff": 0, "text.temperature": 0,
     # weights and scales: below 0 they train the opposite way (a negative rate ascends the loss)
     "moe.alignment_weight": 0, "moe.load_balance_weight": 0, "moe.surprise_alpha": 0, "moe.backbone_lr_scale": 0,
 }
@@ -399,8 +404,9 @@ def _check_values(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}")
     if not 0.0 <= config.moe.novelty_threshold < 1.0:  # novelty is 1 - a cosine; an empty memory's is 1
         raise ConfigError(f"{where}: moe.novelty_threshold must be in [0, 1), got {config.moe.novelty_threshold}")
-    for key in ("moe.alignment_temperature", "moe.memory_half_life"):  # divisors
-        value = getattr(config.moe, key.split(".")[1])
+    for key in ("moe.alignment_temperature", "moe.memory_half_life", "text.request_timeout"):  # divisors; a 0 s
+        section, name = key.split(".")  # timeout makes every request fail at once
+        value = values[section][name]
         if not 0 < value < float("inf"):
             raise ConfigError(f"{where}: {key} must be a positive number, got {value}")
     if config.moe.gate == "scalar" and (config.moe.gate_init == 0 or not math.isfinite(config.moe.gate_init)):

@@ -159,6 +159,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(seed) for seed in args.seeds.split(",")]
+    unknown = [name for name in args.settings.split(",") if name not in SETTINGS]
+    if unknown:  # before anything trains, not once the settings before it have
+        parser.error(f"unknown setting {', '.join(map(repr, unknown))}; the settings are: {', '.join(SETTINGS)}")
     base = Config.load(args.config).override(["train.progress=false", *args.overrides])
     dataset = load_dataset(base.data)
     print(f"{dataset.name}: {dataset.n_users} users, {dataset.n_items} items, {dataset.n_interactions} "

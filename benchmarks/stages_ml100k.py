@@ -30,7 +30,7 @@ from ur4rec.evaluation import build_eval_inputs, evaluate, sample_negatives  # n
 from ur4rec.evaluation.compare import compare  # noqa: E402
 from ur4rec.features import build_features  # noqa: E402
 from ur4rec.rundir import prepare_run, stage_dir  # noqa: E402
-from ur4rec.training.ablate import run_ablations  # noqa: E402
+from ur4rec.training.ablate import run_ablations, select_variants  # noqa: E402
 from ur4rec.training.stages import load_stage_model  # noqa: E402
 from ur4rec.training.trainer import train_stage1  # noqa: E402
 
@@ -65,6 +65,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = Config.load(args.config).override(["train.progress=false", *args.overrides])
+    only = args.only.split(",") if args.only else None
+    try:
+        select_variants(base, only)  # an unknown name: refused here, not after Stage 1 has trained
+    except ValueError as error:
+        parser.error(str(error))
     dataset = load_dataset(base.data)
     table: dict[str, dict[tuple, list[float]]] = {}
     seconds: dict[str, list[float]] = {}
@@ -82,7 +87,7 @@ def main() -> None:
             row.setdefault(key, []).append(stage1.metrics[key[0]][key[1]][key[2]])
         seconds.setdefault("stage 1", []).append(stage1.seconds_per_epoch)
         stage_dirs.setdefault("stage 1 (SASRec)", []).append(stage_dir(run_dir, 1))
-        rows = run_ablations(config, dataset, features, run_dir, args.only.split(",") if args.only else None)
+        rows = run_ablations(config, dataset, features, run_dir, only)
         for ablation in rows:
             name = "stage 3 (UR4Rec)" if ablation["variant"] == "full" else f"  ablation {ablation['variant']}"
             row = table.setdefault(name, {})

@@ -75,3 +75,17 @@ def test_stages_benchmark_and_the_scripts_that_read_its_runs(tmp_path):
     row = next(line for line in flattery.splitlines() if line.startswith(f"| {run}"))
     with_terms = float(row.strip("|").split("|")[3])
     assert with_terms == pytest.approx(stage3["valid"]["full"]["ndcg@10"], abs=5e-5)
+
+
+@pytest.mark.parametrize("script, option, names", [
+    ("stage1_ml100k.py", "--settings", "base,bogus"),  # a KeyError once base had trained
+    ("stages_ml100k.py", "--only", "full,bogus"),  # refused by the ablations once Stage 1 had trained
+])
+def test_an_unknown_setting_or_variant_is_refused_before_anything_trains(tmp_path, script, option, names):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--config", SMOKE, option, names,
+                           "--seeds", "0", "--threads", "1", "--out", str(tmp_path / "out")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "'bogus'" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # nothing trained, no run directory

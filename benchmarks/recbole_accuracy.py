@@ -83,7 +83,7 @@ class SavedScores:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first sentence, whole
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "ml100k.yaml",
                         help="the UR4Rec config whose data section (dataset, split, max_len) and eval section are used")
     parser.add_argument("--threads", type=int, default=2)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build .venv-recbole, the environment benchmarks/peer_recbole.py runs in (about 1 minute
-# with the torch wheel in pip's cache). Only the Stage-1 benchmark's peer timing needs it.
+# with the torch wheel in pip's cache). Only the peer benchmarks need it: the Stage-1 benchmark's timing of
+# RecBole's SASRec and benchmarks/recbole_accuracy.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}

@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "ml100k.yaml"))
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names from SETTINGS")
     parser.add_argument("--seeds", default="42", help="comma-separated training seeds; settings are compared on "
-                                                      "their mean validation NDCG@10")
+                                                      "their mean valid-oh NDCG@10 (see above)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="applied to every setting, after the setting's own values, e.g. "

@@ -102,7 +102,7 @@ class TextConfig:
         None, "json backend: folder with user_preferences.json and item_descriptions.json ({id: text})"
     )
     leak_policy: str = option("warn", "user texts naming a held-out item: warn, drop or redact")
-    history_items: int = option(20, "LLM prompts: how many of the user's most recent train items to list")
+    history_items: int = option(20, "LLM prompts: how many of the user's most recent train items to list (0 = all)")
     openai_base_url: str = option(
         "https://api.openai.com/v1", "openai backend: base URL of an OpenAI-compatible API (the part before /chat/completions)"
     )
@@ -155,7 +155,8 @@ class MoEConfig:
     retrieval_top_k: int = option(10, "memory entries retrieved per (user, candidate) by relevance; 0 = all visible")
     semantic_heads: int = option(2, "SemanticExpert cross-attention heads (must divide model.hidden_size)")
     router_hidden: int = option(32, "router MLP width")
-    gate: str = option("scalar", "gate g: scalar (learned) or none (g = 0: plain SASRec scores)")
+    gate: str = option("scalar", "gate g: scalar (learned) or none (g = 0: the experts add nothing; the "
+                                "moe.similarity terms stay)")
     gate_init: float = option(0.01, "initial gate value g")
     gate_gradient: str = option(
         "straight_through", "straight_through (experts get the gradient as if g = 1) or plain (naive g*E, for comparison)"

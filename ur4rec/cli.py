@@ -1,7 +1,9 @@
 """Command line: ``ur4rec <command>`` or ``python -m ur4rec <command>``.
 
-Every command that trains or evaluates takes ``--config`` and ``--run-dir`` and reads and
-writes the run directory described in :mod:`ur4rec.rundir`.
+Every command that trains or builds texts or features takes ``--config`` (with ``--set``
+overrides) and ``--run-dir`` and writes the run directory described in :mod:`ur4rec.rundir`;
+``evaluate`` takes ``--run-dir`` alone (the config is the one in the stage's checkpoint.json)
+and writes nothing there, and ``compare`` reads stage directories.
 """
 
 from __future__ import annotations

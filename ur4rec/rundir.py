@@ -15,6 +15,8 @@
     RUN/baselines/pop/metrics.json   the Pop baseline in the same harness
     RUN/baselines/pop/config.yaml    the config it was computed with
     RUN/stageN/internals/            Stages 2-3: router weights, score contributions, gate per epoch, attention maps
+    RUN/texts/                       generated texts (JSONL cache, user_texts.json, item_texts.json), audit.csv
+    RUN/features/manifest.json       the feature sets used (quality.json, projection.csv: ``ur4rec features quality``)
     RUN/ablations.csv                one row per ablation variant (``ur4rec ablate``), RUN/ablations/<variant>/ its run
 """
 

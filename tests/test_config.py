@@ -138,6 +138,26 @@ def test_a_device_torch_cannot_use_here_is_named(smoke_config, tmp_path):
                      "--set", f"train.device={device}"]) == 2
 
 
+def test_an_unusable_train_device_is_refused_before_texts_and_features_are_built(setup, tmp_path, monkeypatch):
+    # before: `train --stage 2` and `ablate` generated the texts and encoded the features (minutes on
+    # ML-100K), then Stage 2 refused the device
+    from tiny_run import save_stage1
+
+    from ur4rec.cli import main
+    from ur4rec.rundir import prepare_run
+
+    config, dataset, _ = setup
+    run = tmp_path / "run"
+    prepare_run(run, config, dataset)
+    save_stage1(setup, run / "stage1")
+    config.save(tmp_path / "c.yaml")
+    monkeypatch.setenv("UR4REC_CACHE", str(tmp_path / "cache"))
+    for command in (["train", "--stage", "2"], ["ablate"]):
+        assert main([*command, "--config", str(tmp_path / "c.yaml"), "--run-dir", str(run),
+                     "--set", "train.device=foo"]) == 2
+        assert not (run / "texts").exists() and not (run / "features").exists(), command
+
+
 def test_an_empty_config_file_or_a_key_given_twice_is_an_error(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("# nothing but a comment\n")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ur4rec.config import Config, ConfigError, describe
 from ur4rec.data import DataFormatError, DatasetNotFoundError, load_dataset
+from ur4rec.precision import check_device
 from ur4rec.rundir import RunDirError
 from ur4rec.training.checkpoint import CheckpointError, read_checkpoint_info
 
@@ -164,6 +165,7 @@ def command_train(args) -> int:
 
     config = _load_config(args)
     stages = _stages(args)
+    check_device(config.train.device, "train.device")  # Stages 2-3 build texts and features before training
     dataset = load_dataset(config.data)
     run_dir = prepare_run(args.run_dir, config, dataset)
     print(f"{dataset.name}: {dataset.n_users} users, {dataset.n_items} items, "
@@ -203,6 +205,7 @@ def command_ablate(args) -> int:
     config = _load_config(args)
     only = args.only.split(",") if args.only else None
     select_variants(config, only)  # an unknown name fails here, before features are built
+    check_device(config.train.device, "train.device")  # and so does a device torch cannot use here
     dataset = load_dataset(config.data)
     features = build_features(config, dataset, args.run_dir, progress=config.train.progress)
     rows = run_ablations(config, dataset, features, args.run_dir, only)

@@ -412,6 +412,23 @@ def test_each_ablation_switches_off_what_it_names(smoke_config):
         assert len(differs) == (0 if name in ("full", "skip_stage2") else 1), (name, differs)
 
 
+def test_ablate_without_a_usable_stage1_builds_no_texts_or_features(setup, tmp_path, capsys, monkeypatch):
+    # before: it generated the texts and encoded the features (minutes on ML-100K), then refused
+    from tiny_run import save_stage1
+
+    config, dataset, _ = setup
+    config.save(tmp_path / "c.yaml")
+    monkeypatch.setenv("UR4REC_CACHE", str(tmp_path / "cache"))
+    missing, unfinished = tmp_path / "missing", tmp_path / "unfinished"
+    prepare_run(unfinished, config, dataset)
+    save_stage1(setup, unfinished / "stage1")
+    (unfinished / "stage1" / "metrics.json").unlink()  # stopped before its final evaluation
+    for run, message in ((missing, "has no checkpoint: run `ur4rec train --stage 1"), (unfinished, "it never finished")):
+        assert main(["ablate", "--config", str(tmp_path / "c.yaml"), "--run-dir", str(run)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (run / "texts").exists() and not (run / "features").exists()
+
+
 def test_ablation_table_keeps_only_rows_from_the_same_stage1(tmp_path):
     from ur4rec.training.ablate import write_rows
 

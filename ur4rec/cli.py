@@ -200,13 +200,14 @@ def command_train(args) -> int:
 
 def command_ablate(args) -> int:
     from ur4rec.features import build_features
-    from ur4rec.training.ablate import run_ablations, select_variants
+    from ur4rec.training.ablate import check_stage1, run_ablations, select_variants
 
     config = _load_config(args)
     only = args.only.split(",") if args.only else None
     select_variants(config, only)  # an unknown name fails here, before features are built
     check_device(config.train.device, "train.device")  # and so does a device torch cannot use here
     dataset = load_dataset(config.data)
+    check_stage1(args.run_dir, dataset, config)  # before texts and features are built (minutes on ML-100K)
     features = build_features(config, dataset, args.run_dir, progress=config.train.progress)
     rows = run_ablations(config, dataset, features, args.run_dir, only)
     width = max(len("variant"), *(len(row["variant"]) for row in rows))

@@ -21,7 +21,7 @@ from pathlib import Path
 from ur4rec.config import Config
 from ur4rec.data.dataset import SequenceDataset
 from ur4rec.rundir import prepare_run, stage_dir
-from ur4rec.training.stages import train_stage
+from ur4rec.training.stages import check_previous_stage, stage_spec, train_stage
 
 METRICS = ("hr@10", "ndcg@10", "mrr")
 
@@ -55,12 +55,19 @@ def select_variants(config: Config, only: list[str] | None = None) -> dict[str, 
     return {name: spec for name, spec in variants.items() if not only or name in only}
 
 
-def run_ablations(config: Config, dataset: SequenceDataset, features, run_dir: Path,
-                  only: list[str] | None = None) -> list[dict]:
-    run_dir = Path(run_dir)
+def check_stage1(run_dir: Path, dataset: SequenceDataset, config: Config) -> Path:
+    """``RUN/stage1`` once it is a finished Stage 1 of ``dataset`` that Stage 2 under ``config`` can start
+    from; else an error saying why (``ur4rec ablate`` asks before it builds texts and features)."""
     stage1 = stage_dir(run_dir, 1)
     if not (stage1 / "checkpoint.json").exists():
         raise FileNotFoundError(f"{stage1} has no checkpoint: run `ur4rec train --stage 1 --run-dir {run_dir}` first")
+    return check_previous_stage(Path(run_dir), stage_spec(2), dataset.fingerprint, config=config)
+
+
+def run_ablations(config: Config, dataset: SequenceDataset, features, run_dir: Path,
+                  only: list[str] | None = None) -> list[dict]:
+    run_dir = Path(run_dir)
+    stage1 = check_stage1(run_dir, dataset, config)
     order = list(ablation_variants(config))
     table = run_dir / "ablations.csv"
     stage1_hash = hashlib.sha256((stage1 / "model.safetensors").read_bytes()).hexdigest()[:16]

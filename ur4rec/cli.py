@@ -142,8 +142,8 @@ def _stages(args) -> list[int]:
     else:
         stages = [args.stage or 1]
     if args.skip_stage2 and (2 in stages or 3 not in stages):
-        raise ValueError("--skip-stage2 trains Stage 3 straight from Stage 1: use it with --stage 3 or --stages 1,3, "
-                         "not with Stage 2 in the list")
+        raise ValueError("--skip-stage2 trains Stage 3 straight from Stage 1: use it with --stage 3 or --stages 1,3 "
+                         f"(got {'--stages ' + args.stages if args.stages else f'--stage {stages[0]}'})")
     return stages
 
 

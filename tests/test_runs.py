@@ -16,6 +16,8 @@ import ur4rec.features
 from ur4rec import rundir
 from ur4rec.cli import main
 from ur4rec.data import load_dataset
+from ur4rec.data.dataset import build_dataset
+from ur4rec.data.movielens import RawInteractions
 from ur4rec.evaluation import metrics_from_ranks
 from ur4rec.evaluation.compare import read_epoch_ranks, read_ranks
 from ur4rec.reproduce import check_history, compare_outputs
@@ -550,6 +552,25 @@ def test_cli_train_refused_or_failing_leaves_the_runs_config_and_skip_stage2_is_
     assert main(["train", "--config", str(config), "--stage", "3", "--skip-stage2", "--run-dir", str(run),
                  "--set", "train.seed=9"]) == 0  # a stage that trains makes its config the run's
     assert "seed: 9" in (run / "config.yaml").read_text()
+
+
+def test_a_retrain_the_data_cannot_serve_fails_before_moving_the_finished_stages_aside(setup, cli_config, tmp_path,
+                                                                                      capsys):
+    config, _ = cli_config
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--stages", "1,2", "--run-dir", str(run)]) == 0
+    before = {path: path.read_bytes() for path in [run / "config.yaml", *run.glob("stage*/*.*")]}
+    for stage in ("1", "2"):  # 40 items: no user has 60 unseen ones to draw as sampled negatives
+        assert main(["train", "--config", str(config), "--stage", stage, "--run-dir", str(run),
+                     "--set", "eval.num_sampled_negatives=60"]) == 2
+        assert "lower eval.num_sampled_negatives" in capsys.readouterr().err
+    assert not list(run.glob("*.prev")) and {path: path.read_bytes() for path in before} == before
+    # a dataset with no train interaction to predict (every user has 3: the train part is one item)
+    three = build_dataset(RawInteractions("t", "t", np.repeat(["a", "b", "c", "d"], 3), np.arange(1, 13).astype(str),
+                                          np.zeros(12, dtype=np.int64), {}))
+    with pytest.raises(ValueError, match="no user has two or more train interactions"):
+        train_stage1(setup[0], three, run)
+    assert not list(run.glob("*.prev")) and {path: path.read_bytes() for path in before} == before
 
 
 def test_a_stage_stopped_in_its_final_evaluation_is_unfinished(setup, stage1, tmp_path, monkeypatch):

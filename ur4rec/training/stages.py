@@ -606,6 +606,10 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
     generator = torch.Generator(device=device).manual_seed(config.train.seed)
     model = build_ur4rec(config, dataset, features)
     report = load_stage_weights(model, previous, spec)
+    # what the data may refuse (too few unseen items to sample) before the finished stages move aside
+    windows = _checked_windows(dataset, config.data.max_len)
+    negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
+    valid_inputs = build_eval_inputs(dataset, "valid", config.data.max_len, negatives)
     out = start_stage(run_dir, stage, config)
     log_path = out / "log.jsonl"
     model.to(device)
@@ -622,9 +626,6 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
         param_groups.append({"params": list(uncertainty.parameters()), "lr_scale": 1.0})
     optimizer = torch.optim.AdamW(param_groups, lr=lr, weight_decay=config.train.weight_decay)
 
-    windows = _checked_windows(dataset, config.data.max_len)
-    negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
-    valid_inputs = build_eval_inputs(dataset, "valid", config.data.max_len, negatives)
     skipped = ["stage2"] if stage == 3 and skip_stage2 else []
     base_info = {
         "stage": stage, "config": config.to_dict(), "data_fingerprint": dataset.fingerprint,

@@ -79,9 +79,14 @@ def training_windows(dataset: SequenceDataset, max_len: int,
             row_y[max_len - (end - start):] = y[start:end]
             inputs.append(row_x)
             targets.append(row_y)
-    if not inputs:
-        raise ValueError(f"{dataset.name}: no user has two or more train interactions")
+    check_train_targets(dataset)
     return np.stack(inputs), np.stack(targets)
+
+
+def check_train_targets(dataset: SequenceDataset) -> None:
+    """A ValueError when no train interaction has one before it to be predicted from."""
+    if not any(len(dataset.train_sequence(user)) > 1 for user in range(dataset.n_users)):
+        raise ValueError(f"{dataset.name}: no user has two or more train interactions")
 
 
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -211,11 +216,13 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
     model = build_model(config, dataset.n_items).to(config.train.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.learning_rate,
                                   weight_decay=config.train.weight_decay)
-    out = start_stage(run_dir, 1, config)
-    log_path = out / "log.jsonl"
+    # what the data may refuse (no train target, too few unseen items to sample) before the finished stages move aside
+    check_train_targets(dataset)
     fixed_windows = None if config.train.shuffle_ties else training_windows(dataset, config.data.max_len)
     negatives = sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
     valid_inputs = build_eval_inputs(dataset, "valid", config.data.max_len, negatives)
+    out = start_stage(run_dir, 1, config)
+    log_path = out / "log.jsonl"
 
     epoch_ranks = EpochRanks(out / "valid_ranks_by_epoch.csv", dataset)
     best_value, best_epoch, waited, epoch_seconds = -1.0, 0, 0, []

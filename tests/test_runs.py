@@ -714,6 +714,12 @@ def test_a_stopped_ablation_rerun_keeps_no_row_for_the_variant_it_was_retraining
     with pytest.raises(KeyboardInterrupt):
         ablate.run_ablations(config, dataset, features, run, ["gate_off"])
     assert [row["variant"] for row in csv.DictReader(open(run / "ablations.csv"))] == ["skip_stage2"]
+    # a config the data cannot serve is refused before any row is forgotten (40 items: 60 sampled negatives)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="lower eval.num_sampled_negatives"):
+        ablate.run_ablations(config.override(["eval.num_sampled_negatives=60"]), dataset, features, run,
+                             ["skip_stage2"])
+    assert [row["variant"] for row in csv.DictReader(open(run / "ablations.csv"))] == ["skip_stage2"]
 
 
 def test_similarity_weights_are_fitted_to_the_optimum_from_wherever_they_start(setup, stage1, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ur4rec.config import Config
 from ur4rec.data.dataset import SequenceDataset
+from ur4rec.evaluation.evaluate import sample_negatives
 from ur4rec.rundir import prepare_run, stage_dir
 from ur4rec.training.stages import check_previous_stage, stage_spec, train_stage
 
@@ -71,6 +72,8 @@ def run_ablations(config: Config, dataset: SequenceDataset, features, run_dir: P
     order = list(ablation_variants(config))
     table = run_dir / "ablations.csv"
     stage1_hash = hashlib.sha256((stage1 / "model.safetensors").read_bytes()).hexdigest()[:16]
+    # too few unseen items for the sampled protocol fails every variant: say so before any row is forgotten
+    sample_negatives(dataset, config.eval.num_sampled_negatives, config.eval.sample_seed)
     rows = []
     for name, (overrides, skip_stage2) in select_variants(config, only).items():
         variant_config = config.override(overrides) if overrides else config

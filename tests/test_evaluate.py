@@ -2,6 +2,7 @@
 which items the sampled protocol draws, and how both ranks are taken."""
 
 import numpy as np
+import pytest
 import torch
 
 from ur4rec.config import EvalConfig
@@ -65,6 +66,15 @@ def test_sampled_negatives_are_unseen_distinct_fixed_per_seed_and_ranked_against
     result = evaluate(Fixed(np.arange(501)), build_eval_inputs(big, "test", 5, negatives),
                       EvalConfig(ks=[10], num_sampled_negatives=99))
     assert result.rank_sampled.tolist() == [1 + int((row > 4).sum()) for row in negatives]
+
+
+def test_too_few_unseen_items_for_the_sampled_protocol_is_an_error_saying_what_would_help():
+    with pytest.raises(ValueError, match="user 0 has only 2 unseen items; lower eval.num_sampled_negatives"):
+        sample_negatives(tiny([[1, 2, 3, 4], [1, 2, 3, 4, 5, 6]], 6), 3, seed=0)
+    # no unseen item at all (a single user; a user who has seen every item): no value of the field helps
+    with pytest.raises(ValueError, match="user 1 has interacted with every one of the 6 items") as error:
+        sample_negatives(tiny([[1, 2, 3, 4], [1, 2, 3, 4, 5, 6]], 6), 1, seed=0)
+    assert "lower eval.num_sampled_negatives" not in str(error.value)
 
 
 def test_left_pad_keeps_the_newest_items():

@@ -43,6 +43,12 @@ def sample_negatives(dataset: SequenceDataset, n: int, seed: int) -> np.ndarray:
     negatives = np.empty((dataset.n_users, n), dtype=np.int64)
     for user, sequence in enumerate(dataset.sequences):
         available = np.setdiff1d(all_items, sequence, assume_unique=False)
+        if len(available) == 0:  # eval.num_sampled_negatives is at least 1: no value of it helps
+            raise ValueError(
+                f"sampled evaluation needs an item each user never interacted with, but user "
+                f"{dataset.user_raw_ids[user]} has interacted with every one of the {dataset.n_items} items "
+                f"(a dataset of one user always has such a user), so this dataset cannot be evaluated"
+            )
         if len(available) < n:
             raise ValueError(
                 f"sampled evaluation needs {n} negatives but user {dataset.user_raw_ids[user]} "

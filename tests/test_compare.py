@@ -48,7 +48,14 @@ def test_compare_command_prints_the_table_and_names_a_missing_file(tmp_path, cap
     assert rows and all(row.split()[-2:] == ["0.0000", "-"] for row in rows if row.split()[0] in ("valid", "test"))
     (variant / "valid_ranks.csv").unlink()
     assert main(["compare", "--base", str(base), "--variant", str(variant)]) == 2
-    assert "valid_ranks.csv does not exist" in capsys.readouterr().err
+    assert "valid_ranks.csv does not exist (runs made before 2026-11-24 saved test ranks only" in capsys.readouterr().err
+    # a folder with no ranks at all (a mistyped path, a stage that never finished) is not called an old run
+    (tmp_path / "c").mkdir()
+    for folder in (tmp_path / "c", tmp_path / "nowhere"):
+        assert main(["compare", "--base", str(base), "--variant", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert "valid_ranks.csv does not exist" in err and "before 2026-11-24" not in err
+        assert "not the directory of a finished stage" in err
 
 
 def write_epoch_ranks(folder, by_epoch, targets=("10", "11", "12")):

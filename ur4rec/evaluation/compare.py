@@ -33,8 +33,11 @@ def read_ranks(stage_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
     """(user_id,target_item keys, full-ranking ranks) from ``stage_dir/{split}_ranks.csv``."""
     path = Path(stage_dir) / f"{split}_ranks.csv"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (runs made before 2026-11-24 saved test ranks only; "
-                                "train again to get validation ranks)")
+        if (Path(stage_dir) / "test_ranks.csv").exists():
+            raise FileNotFoundError(f"{path} does not exist (runs made before 2026-11-24 saved test ranks only; "
+                                    "train again to get validation ranks)")
+        raise FileNotFoundError(f"{path} does not exist: {stage_dir} is not the directory of a finished stage "
+                                "(RUN/stageN with its ranks files)")
     keys, ranks = [], []
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)

@@ -374,6 +374,17 @@ def test_an_item_id_given_twice_names_both_lines(tmp_path):
         load_movielens("ml-1m", tmp_path / "ml1m")
 
 
+@pytest.mark.parametrize("record, message", [("1\t8\tx\t500", "rating 'x' is not a number"),
+                                             ("1\t8\t3\tsoon", "timestamp 'soon' is not a number")])
+def test_a_rating_or_timestamp_that_is_not_a_number_is_named(tmp_path, record, message):
+    write_raw_100k(tmp_path, RATINGS)
+    with open(tmp_path / "u.data", "a") as handle:
+        handle.write(record + "\n")
+    # before: "could not convert string to float: 'x'", naming no field
+    with pytest.raises(DataFormatError, match=rf"u\.data, line 10: {message}"):
+        load_movielens("ml-100k", tmp_path)
+
+
 def test_a_u_item_line_with_too_many_fields_names_its_line(tmp_path):
     write_raw_100k(tmp_path, RATINGS)
     with open(tmp_path / "u.item", "a") as handle:

@@ -202,7 +202,10 @@ def _parse_interactions(path: Path, separator: str | None, skip_header: bool, en
                     raise ValueError(f"expected {fields} fields (user, item, rating, timestamp"
                                      f"{', ...' if fields > 4 else ''}), got {len(parts)}")
                 user, item, timestamp = parts[0].strip(), parts[1].strip(), _whole_seconds(parts[3])
-                float(parts[2])
+                try:
+                    float(parts[2])
+                except ValueError:
+                    raise ValueError(f"rating {parts[2].strip()!r} is not a number") from None
                 if not user or not item:
                     raise ValueError("empty user or item id")
             except ValueError as error:
@@ -223,7 +226,10 @@ def _whole_seconds(text: str) -> int:
     try:
         value = int(text)  # exact beyond 2**53, where a float would round
     except ValueError:
-        number = float(text)
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"timestamp {text!r} is not a number") from None
         if not -2**63 <= number < 2**63:  # also inf and nan
             raise ValueError(f"timestamp {text!r} is not a 64-bit integer") from None
         if not number.is_integer():

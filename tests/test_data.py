@@ -162,9 +162,12 @@ def test_a_stopped_download_is_done_again_not_read_without_its_item_file(tmp_pat
     assert [raw.item_meta[i].title for i in "123"] == ["Film 1", "Film 2", "Film 3"]
 
 
-def test_data_path_that_is_not_a_folder(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match="not a folder"):
+def test_data_path_that_is_not_a_folder(tmp_path, monkeypatch):
+    with pytest.raises(DatasetNotFoundError, match="not a folder$"):
         load_movielens("ml-100k", tmp_path / "nowhere")
+    monkeypatch.chdir(tmp_path)  # e.g. `ur4rec evaluate` run from another folder than training was
+    with pytest.raises(DatasetNotFoundError, match=f"'nowhere' is not a folder .*current folder, {tmp_path}"):
+        load_movielens("ml-100k", "nowhere")
 
 
 def test_ml1m_folder(tmp_path):

@@ -71,7 +71,8 @@ def load_movielens(name: str, path: str | Path | None = None) -> RawInteractions
     if path is not None:
         folder = Path(path).expanduser()
         if not folder.is_dir():
-            raise DatasetNotFoundError(f"data.path {str(folder)!r} is not a folder")
+            where = "" if folder.is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"
+            raise DatasetNotFoundError(f"data.path {str(folder)!r} is not a folder{where}")
         return read_folder(name, folder)
     for folder in _candidate_folders(name):
         if folder.is_dir() and _has_dataset_files(folder):

@@ -169,3 +169,16 @@ def test_ids_holding_a_comma_survive_the_epoch_ranks_file(tmp_path):
     keys, epoch_list, ranks = read_epoch_ranks(tmp_path / "x")
     assert keys == ["a,b,2", "c,2"] and epoch_list == [1, 2] and ranks.tolist() == [[1, 2], [3, 1]]
     assert "valid-oh" in {row["split"] for row in compare([tmp_path / "x"], [tmp_path / "y"])}
+
+
+def test_a_ranks_row_with_too_few_or_too_many_fields_is_refused_naming_file_and_line(tmp_path):
+    # a short row read rank_full as None and stopped with a TypeError traceback; a long one was read
+    # as if its extra field were not there
+    base = write_stage(tmp_path / "a", [1, 2, 3], [1, 2, 3])
+    for name, row in (("short", "u1,11"), ("long", "u1,11,2,1,7")):
+        variant = write_stage(tmp_path / name, [1, 2, 3], [1, 2, 3])
+        path = variant / "test_ranks.csv"
+        path.write_text(path.read_text().replace("u1,11,2,1", row))
+        fields = len(row.split(","))
+        with pytest.raises(ValueError, match=rf"{name}/test_ranks\.csv, line 3: {fields} fields, the header has 4"):
+            compare([base], [variant])

@@ -40,11 +40,17 @@ def read_ranks(stage_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
                                 "(RUN/stageN with its ranks files)")
     keys, ranks = [], []
     with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"user_id", "target_item", "rank_full"} - set(reader.fieldnames or [])
+        reader = csv.reader(handle)
+        header = next(reader, [])
+        missing = {"user_id", "target_item", "rank_full"} - set(header)
         if missing:
             raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
-        for line, row in enumerate(reader, start=2):
+        for line, cells in enumerate(reader, start=2):
+            if not cells:  # a blank line, as csv.DictReader skips it
+                continue
+            if len(cells) != len(header):  # a field short or over: the columns no longer line up
+                raise ValueError(f"{path}, line {line}: {len(cells)} fields, the header has {len(header)}")
+            row = dict(zip(header, cells))
             try:
                 rank = int(row["rank_full"])
             except ValueError:

@@ -182,3 +182,22 @@ def test_a_ranks_row_with_too_few_or_too_many_fields_is_refused_naming_file_and_
         fields = len(row.split(","))
         with pytest.raises(ValueError, match=rf"{name}/test_ranks\.csv, line 3: {fields} fields, the header has 4"):
             compare([base], [variant])
+
+
+def test_compare_refuses_a_stage_that_never_finished(tmp_path, capsys):
+    # a training run stopped before metrics.json (written last) may leave no ranks, only the validation
+    # ranks, or a ranks file cut short; compare said "runs made before 2026-11-24 saved test ranks only"
+    # even of a missing test_ranks.csv, or compared what was there
+    base = write_stage(tmp_path / "a", [1, 2, 3], [1, 2, 3])
+    stopped = write_stage(tmp_path / "b", [1, 2, 3], [1, 2, 3])
+    (stopped / "checkpoint.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"b never finished \(no metrics\.json"):
+        compare([base], [stopped])
+    (stopped / "test_ranks.csv").unlink()
+    assert main(["compare", "--base", str(base), "--variant", str(stopped)]) == 2
+    err = capsys.readouterr().err
+    assert "never finished" in err and "saved test ranks only" not in err
+    (stopped / "metrics.json").write_text("{}")  # finished, but its test ranks are gone
+    assert main(["compare", "--base", str(base), "--variant", str(stopped)]) == 2
+    err = capsys.readouterr().err
+    assert "test_ranks.csv does not exist" in err and "saved test ranks only" not in err

@@ -31,9 +31,14 @@ OTHER_HALF = "valid-oh"
 
 def read_ranks(stage_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
     """(user_id,target_item keys, full-ranking ranks) from ``stage_dir/{split}_ranks.csv``."""
-    path = Path(stage_dir) / f"{split}_ranks.csv"
+    stage_dir = Path(stage_dir)
+    path = stage_dir / f"{split}_ranks.csv"
+    if (stage_dir / "checkpoint.json").exists() and not (stage_dir / "metrics.json").exists():
+        # metrics.json is written last: without it the ranks files are missing, or may be cut short
+        raise ValueError(f"{stage_dir} never finished (no metrics.json: it stopped before its final evaluation), "
+                         "so its ranks are missing or incomplete; `ur4rec train` it again")
     if not path.exists():
-        if (Path(stage_dir) / "test_ranks.csv").exists():
+        if split == "valid" and (stage_dir / "test_ranks.csv").exists():
             raise FileNotFoundError(f"{path} does not exist (runs made before 2026-11-24 saved test ranks only; "
                                     "train again to get validation ranks)")
         raise FileNotFoundError(f"{path} does not exist: {stage_dir} is not the directory of a finished stage "

@@ -201,3 +201,17 @@ def test_compare_refuses_a_stage_that_never_finished(tmp_path, capsys):
     assert main(["compare", "--base", str(base), "--variant", str(stopped)]) == 2
     err = capsys.readouterr().err
     assert "test_ranks.csv does not exist" in err and "saved test ranks only" not in err
+
+
+def test_runs_that_cannot_be_paired_are_refused_naming_the_first_line_that_differs(tmp_path):
+    # a ranks file with a row removed or a target edited was only "other users or targets": no line to look at
+    base = write_stage(tmp_path / "a", [1, 2, 3], [1, 2, 3])
+    edited = write_stage(tmp_path / "b", [1, 2, 3], [1, 2, 3], targets=("10", "13", "12"))
+    with pytest.raises(ValueError, match=r"b/valid_ranks\.csv lists other users or targets than .*a/valid_ranks\.csv "
+                                         r"\(line 3: user_id,target_item u1,13 against u1,11\)"):
+        compare([base], [edited])
+    short = write_stage(tmp_path / "c", [1, 2, 3], [1, 2, 3])
+    path = short / "test_ranks.csv"
+    path.write_text(path.read_text().replace("u2,12,3,1\n", ""))
+    with pytest.raises(ValueError, match=r"c/test_ranks\.csv .*a/test_ranks\.csv \(2 rows against 3, the first 2 alike\)"):
+        compare([base], [short])

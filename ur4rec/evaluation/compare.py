@@ -116,6 +116,14 @@ def other_half_values(ranks_by_epoch: np.ndarray, metric: str = "ndcg@10", selec
     return total / halvings
 
 
+def unpaired(path: str, keys: list[str], reference_path: str, reference_keys: list[str]) -> str:
+    """The error for two ranks files whose users and targets differ, naming the first line where they do."""
+    line = next((line for line, (key, other) in enumerate(zip(keys, reference_keys), start=2) if key != other), None)
+    where = (f"line {line}: user_id,target_item {keys[line - 2]} against {reference_keys[line - 2]}" if line else
+             f"{len(keys)} rows against {len(reference_keys)}, the first {min(len(keys), len(reference_keys))} alike")
+    return f"{path} lists other users or targets than {reference_path} ({where}): runs on different data cannot be paired"
+
+
 def compare(base: list[Path], variant: list[Path], metrics: tuple[str, ...] = ("ndcg@10", "hr@10"),
             splits: tuple[str, ...] = SPLITS) -> list[dict]:
     """One row per (split, metric): both sides' means, the difference and its paired error."""
@@ -132,8 +140,8 @@ def compare(base: list[Path], variant: list[Path], metrics: tuple[str, ...] = ("
                 if reference is None:
                     reference = (folder, keys)
                 elif keys != reference[1]:
-                    raise ValueError(f"{folder}/{split}_ranks.csv lists other users or targets than "
-                                     f"{reference[0]}/{split}_ranks.csv: runs on different data cannot be paired")
+                    raise ValueError(unpaired(f"{folder}/{split}_ranks.csv", keys,
+                                              f"{reference[0]}/{split}_ranks.csv", reference[1]))
                 sides[side].append(ranks)
         for metric in metrics:
             difference, error = paired_difference(sides["base"], sides["variant"], metric)
@@ -156,7 +164,7 @@ def _other_half_rows(base: list[Path], variant: list[Path], metrics: tuple[str, 
         for folder in folders:
             keys, _, by_epoch = read_epoch_ranks(folder)
             if keys != reference_keys:
-                raise ValueError(f"{folder}/{EPOCH_RANKS} lists other users or targets than {base[0]}/valid_ranks.csv")
+                raise ValueError(unpaired(f"{folder}/{EPOCH_RANKS}", keys, f"{base[0]}/valid_ranks.csv", reference_keys))
             ranks[side].append(by_epoch)
     rows = []
     for metric in metrics:

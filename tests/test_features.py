@@ -211,6 +211,20 @@ def test_load_features_names_what_is_missing(synthetic, tmp_path, smoke_config, 
         load_features(tmp_path / "run", synthetic)
 
 
+def test_load_features_refuses_a_set_whose_rebuild_was_stopped(synthetic, tmp_path, smoke_config, monkeypatch):
+    # a `features text --force` stopped half-way leaves the set without its manifest and an array cut
+    # short; `ur4rec evaluate --stage 2` read it and stopped at "EOF: reading magic string", naming no file
+    monkeypatch.setattr(semantic, "load_text_encoder", lambda *args, **kwargs: CountingEncoder())
+    build_features(smoke_config, synthetic, tmp_path / "run", progress=False)
+    folder = Path(json.loads((tmp_path / "run" / "features" / "manifest.json").read_text())["text"]["path"])
+    (folder / "item_text.npy").write_bytes((folder / "item_text.npy").read_bytes()[:6])
+    with pytest.raises(FeaturesNotFoundError, match=r"item_text\.npy is not a readable array .*Rebuild them with"):
+        load_features(tmp_path / "run", synthetic)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(FeaturesNotFoundError, match=rf"{folder} has no manifest\.json: its build was stopped .*Rebuild"):
+        load_features(tmp_path / "run", synthetic)
+
+
 def test_load_features_refuses_features_built_for_other_data(synthetic, tmp_path, smoke_config, monkeypatch):
     monkeypatch.setattr(semantic, "load_text_encoder", lambda *args, **kwargs: CountingEncoder())
     build_features(smoke_config, synthetic, tmp_path / "run", progress=False)

@@ -61,12 +61,19 @@ def save_set(folder: Path, arrays: dict[str, np.ndarray], manifest: dict) -> Non
 
 
 def load_arrays(folder: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of a complete set: one whose manifest (written last) is there."""
+    if not (Path(folder) / MANIFEST).exists():
+        raise FeaturesNotFoundError(f"{folder} has no {MANIFEST}: its build was stopped before it finished, so its "
+                                    "arrays may be incomplete")
     arrays = {}
     for name in names:
         path = Path(folder) / f"{name}.npy"
         if not path.exists():
             raise FeaturesNotFoundError(f"{path} is missing; rebuild the features with --force")
-        arrays[name] = np.load(path)
+        try:
+            arrays[name] = np.load(path)
+        except (ValueError, OSError, EOFError) as error:  # cut short or overwritten
+            raise FeaturesNotFoundError(f"{path} is not a readable array ({error})") from error
     return arrays
 
 

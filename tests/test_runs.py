@@ -23,7 +23,7 @@ from ur4rec.evaluation.compare import read_epoch_ranks, read_ranks
 from ur4rec.reproduce import check_history, compare_outputs
 from ur4rec.rundir import EpochRanks, RunDirError, prepare_run, write_json, write_ranks
 from ur4rec.training import checkpoint, stages, trainer
-from ur4rec.training.checkpoint import save_checkpoint
+from ur4rec.training.checkpoint import CheckpointError, save_checkpoint
 from ur4rec.training.stages import train_stage
 from ur4rec.training.trainer import train_stage1
 
@@ -720,6 +720,29 @@ def test_a_stopped_ablation_rerun_keeps_no_row_for_the_variant_it_was_retraining
         ablate.run_ablations(config.override(["eval.num_sampled_negatives=60"]), dataset, features, run,
                              ["skip_stage2"])
     assert [row["variant"] for row in csv.DictReader(open(run / "ablations.csv"))] == ["skip_stage2"]
+
+
+def test_ablate_refuses_an_unfinished_or_damaged_stage1_before_touching_any_variant(setup, stage1, tmp_path):
+    # it copied RUN/stage1 over the variant's copy and dropped the variant's row first, then the variant's
+    # Stage 2 refused "ablations/<variant>/stage1 ... train it again", naming the copy
+    from ur4rec.training import ablate
+
+    config, dataset, features = setup
+    run = tmp_path / "run"
+    shutil.copytree(stage1, run / "stage1")
+    ablate.run_ablations(config, dataset, features, run, ["gate_off"])
+    table, copy = (run / "ablations.csv").read_text(), run / "ablations" / "gate_off" / "stage1"
+    (run / "stage1" / "metrics.json").unlink()  # a retrained Stage 1 that was stopped
+    with pytest.raises(CheckpointError, match=rf"{run / 'stage1'}: it never finished"):
+        ablate.run_ablations(config, dataset, features, run, ["gate_off"])
+    assert (run / "ablations.csv").read_text() == table and (copy / "metrics.json").exists()
+    shutil.copy(copy / "metrics.json", run / "stage1")
+    weights = run / "stage1" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # cut short
+    with pytest.raises(CheckpointError, match=rf"{weights} is not the file"):
+        ablate.run_ablations(config, dataset, features, run, ["gate_off"])
+    assert (run / "ablations.csv").read_text() == table and (copy / "model.safetensors").read_bytes() != \
+        weights.read_bytes()
 
 
 def test_similarity_weights_are_fitted_to_the_optimum_from_wherever_they_start(setup, stage1, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from ur4rec.config import Config
 from ur4rec.data.dataset import SequenceDataset
 from ur4rec.evaluation.evaluate import sample_negatives
 from ur4rec.rundir import prepare_run, stage_dir
+from ur4rec.training.checkpoint import read_checkpoint_info, read_weights
 from ur4rec.training.stages import check_previous_stage, stage_spec, train_stage
 
 METRICS = ("hr@10", "ndcg@10", "mrr")
@@ -56,19 +57,10 @@ def select_variants(config: Config, only: list[str] | None = None) -> dict[str, 
     return {name: spec for name, spec in variants.items() if not only or name in only}
 
 
-def check_stage1(run_dir: Path, dataset: SequenceDataset, config: Config) -> Path:
-    """``RUN/stage1`` once it is a finished Stage 1 of ``dataset`` that Stage 2 under ``config`` can start
-    from; else an error saying why (``ur4rec ablate`` asks before it builds texts and features)."""
-    stage1 = stage_dir(run_dir, 1)
-    if not (stage1 / "checkpoint.json").exists():
-        raise FileNotFoundError(f"{stage1} has no checkpoint: run `ur4rec train --stage 1 --run-dir {run_dir}` first")
-    return check_previous_stage(Path(run_dir), stage_spec(2), dataset.fingerprint, config=config)
-
-
 def run_ablations(config: Config, dataset: SequenceDataset, features, run_dir: Path,
                   only: list[str] | None = None) -> list[dict]:
     run_dir = Path(run_dir)
-    stage1 = check_stage1(run_dir, dataset, config)
+    stage1 = check_stage1(run_dir, dataset, config, features)
     order = list(ablation_variants(config))
     table = run_dir / "ablations.csv"
     stage1_hash = hashlib.sha256((stage1 / "model.safetensors").read_bytes()).hexdigest()[:16]
@@ -80,7 +72,8 @@ def run_ablations(config: Config, dataset: SequenceDataset, features, run_dir: P
         variant_dir = run_dir / "ablations" / name
         forget_row(table, name)  # until it finishes again: a stopped variant keeps no row its stages no longer back
         prepare_run(variant_dir, variant_config, dataset)
-        shutil.copytree(stage1, stage_dir(variant_dir, 1), dirs_exist_ok=True)
+        shutil.rmtree(stage_dir(variant_dir, 1), ignore_errors=True)  # no file of an earlier copy stays beside this one
+        shutil.copytree(stage1, stage_dir(variant_dir, 1))
         if (run_dir / "features").is_dir():  # which feature sets it used: `ur4rec evaluate` on the variant needs them
             shutil.copytree(run_dir / "features", variant_dir / "features", dirs_exist_ok=True)
         stages = [3] if skip_stage2 else [2, 3]
@@ -97,6 +90,20 @@ def run_ablations(config: Config, dataset: SequenceDataset, features, run_dir: P
         rows.append(row)
         write_rows(table, rows, order)
     return rows
+
+
+def check_stage1(run_dir: Path, dataset: SequenceDataset, config: Config, features=None) -> Path:
+    """``RUN/stage1``, once it is a finished Stage 1 of this data whose weights are the ones its checkpoint.json
+    was written with: every variant trains from a copy of it, so a stopped or damaged one is refused here,
+    naming it, before any variant's row or copy is touched (``ur4rec ablate`` asks before it builds texts and
+    features as well)."""
+    run_dir = Path(run_dir)
+    stage1 = stage_dir(run_dir, 1)
+    if not (stage1 / "checkpoint.json").exists():
+        raise FileNotFoundError(f"{stage1} has no checkpoint: run `ur4rec train --stage 1 --run-dir {run_dir}` first")
+    check_previous_stage(run_dir, stage_spec(2), dataset.fingerprint, config=config, features=features)
+    read_weights(stage1, read_checkpoint_info(stage1))
+    return stage1
 
 
 def forget_row(path: Path, variant: str) -> None:

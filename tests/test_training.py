@@ -442,6 +442,38 @@ def test_ablation_table_keeps_only_rows_from_the_same_stage1(tmp_path):
     assert path.read_text().splitlines()[1:] == ["skip_stage2,b,0.3"]
 
 
+def test_ablation_table_is_written_whole_and_a_damaged_one_is_refused_naming_the_line(tmp_path, monkeypatch):
+    # ablations.csv was rewritten in place: a stop mid-write left it with the header only (every finished
+    # variant's row gone) or a row cut short, which the next run kept as if whole; a table without
+    # its variant column stopped with a KeyError traceback
+    from ur4rec.training import ablate
+
+    path, order = tmp_path / "ablations.csv", ["full", "gate_off", "skip_stage2"]
+    ablate.write_rows(path, [{"variant": "full", "stage1_sha256": "a", "test": 0.2},
+                             {"variant": "gate_off", "stage1_sha256": "a", "test": 0.1}], order)
+    before = path.read_text()
+
+    def stopped(self, rows):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablate.csv.DictWriter, "writerows", stopped)
+    for write in (lambda: ablate.write_rows(path, [{"variant": "skip_stage2", "stage1_sha256": "a", "test": 0.3}],
+                                            order), lambda: ablate.forget_row(path, "full")):
+        with pytest.raises(KeyboardInterrupt):
+            write()
+        assert path.read_text() == before
+    monkeypatch.undo()
+    path.write_text(before[:-5])  # the last row cut short
+    with pytest.raises(ValueError, match=r"ablations\.csv, line 3: 2 fields, the header has 3"):
+        ablate.write_rows(path, [{"variant": "skip_stage2", "stage1_sha256": "a", "test": 0.3}], order)
+    path.write_text(before.replace("variant,", "name,"))
+    with pytest.raises(ValueError, match=r"ablations\.csv, line 1: no variant column"):
+        ablate.forget_row(path, "full")
+    path.write_text("")  # an empty table is no table
+    ablate.write_rows(path, [{"variant": "full", "stage1_sha256": "a", "test": 0.2}], order)
+    assert path.read_text().splitlines() == ["variant,stage1_sha256,test", "full,a,0.2"]
+
+
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_over_the_stages_epochs():
     from ur4rec.training.trainer import learning_rate
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import shutil
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 from ur4rec.config import Config
 from ur4rec.data.dataset import SequenceDataset
 from ur4rec.evaluation.evaluate import sample_negatives
-from ur4rec.rundir import prepare_run, stage_dir
+from ur4rec.rundir import prepare_run, stage_dir, write_text_whole
 from ur4rec.training.checkpoint import read_checkpoint_info, read_weights
 from ur4rec.training.stages import check_previous_stage, stage_spec, train_stage
 
@@ -106,34 +107,50 @@ def check_stage1(run_dir: Path, dataset: SequenceDataset, config: Config, featur
     return stage1
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of the table at ``path`` (none when it is missing or empty). A table without a variant column,
+    or a row whose fields do not match the header, is an error naming the file and line: the table is
+    written whole (:func:`write_table`), so only a hand edit or a damaged file has one."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, [])
+        if header and "variant" not in header:
+            raise ValueError(f"{path}, line 1: no variant column (the header is {','.join(header)})")
+        rows = []
+        for line, cells in enumerate(reader, start=2):
+            if len(cells) != len(header):
+                raise ValueError(f"{path}, line {line}: {len(cells)} fields, the header has {len(header)}")
+            rows.append(dict(zip(header, cells)))
+    return rows
+
+
+def write_table(path: Path, fields: list[str], rows) -> None:
+    """The table at ``path`` written whole or not at all: a run stopped while writing it keeps the old one."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_whole(path, text.getvalue())
+
+
 def forget_row(path: Path, variant: str) -> None:
     """Remove ``variant``'s row from the table at ``path``, if it has one."""
-    if not path.exists():
-        return
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        fields, old = reader.fieldnames, list(reader)
-    if fields and any(row["variant"] == variant for row in old):
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(row for row in old if row["variant"] != variant)
+    old = read_rows(path)
+    if any(row["variant"] == variant for row in old):
+        write_table(path, list(old[0]), [row for row in old if row["variant"] != variant])
 
 
 def write_rows(path: Path, rows: list[dict], order: list[str]) -> None:
     """Write ``rows`` into the table at ``path``, keeping other variants' rows from the same Stage 1."""
-    kept = {}
-    if path.exists():
-        with open(path, newline="") as handle:
-            old = list(csv.DictReader(handle))
-        stale = [row["variant"] for row in old if row.get("stage1_sha256") != rows[0]["stage1_sha256"]]
-        if stale:
-            warnings.warn(f"{path}: dropped the rows of {', '.join(stale)}: they started from another Stage 1",
-                          stacklevel=2)
-        kept = {row["variant"]: row for row in old if row["variant"] not in stale}
+    old = read_rows(path)
+    stale = [row["variant"] for row in old if row.get("stage1_sha256") != rows[0]["stage1_sha256"]]
+    if stale:
+        warnings.warn(f"{path}: dropped the rows of {', '.join(stale)}: they started from another Stage 1",
+                      stacklevel=2)
+    kept = {row["variant"]: row for row in old if row["variant"] not in stale}
     kept.update({row["variant"]: row for row in rows})
     ordered = sorted(kept.values(), key=lambda row: order.index(row["variant"]) if row["variant"] in order else len(order))
-    with open(path, "w", newline="") as handle:  # kept rows share the fields: older layouts lack the hash and are dropped
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(ordered)
+    # kept rows share the fields: older layouts lack the hash and are dropped
+    write_table(path, list(rows[0]), ordered)

@@ -215,3 +215,17 @@ def test_runs_that_cannot_be_paired_are_refused_naming_the_first_line_that_diffe
     path.write_text(path.read_text().replace("u2,12,3,1\n", ""))
     with pytest.raises(ValueError, match=r"c/test_ranks\.csv .*a/test_ranks\.csv \(2 rows against 3, the first 2 alike\)"):
         compare([base], [short])
+
+
+def test_a_ranks_file_that_does_not_read_as_text_is_refused_naming_it(tmp_path):
+    # the error was only "'utf-8' codec can't decode byte 0xff", naming no file
+    base = write_stage(tmp_path / "a", [1, 2, 3], [1, 2, 3])
+    variant = write_stage(tmp_path / "b", [1, 2, 3], [1, 2, 3])
+    write_epoch_ranks(base, {1: [1, 2, 3]})
+    write_epoch_ranks(variant, {1: [1, 2, 3]})
+    (variant / "valid_ranks_by_epoch.csv").write_bytes(b"user_id,target_item,epoch_1\nu0,\xff,1\n")
+    with pytest.raises(ValueError, match=r"b/valid_ranks_by_epoch\.csv: the file does not read as text"):
+        compare([base], [variant])
+    (variant / "test_ranks.csv").write_bytes(b"\xff" * 10)
+    with pytest.raises(ValueError, match=r"b/test_ranks\.csv: the file does not read as text"):
+        compare([base], [variant])

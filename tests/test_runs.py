@@ -656,6 +656,32 @@ def test_compare_outputs_holds_ranks_and_ids_exactly_and_decimals_to_the_toleran
     assert compare_outputs(saved, fresh)[2][0].startswith("internals/a.csv: header ['user_id', 'item_id', 'rank', 'weight']")
 
 
+def test_compare_outputs_counts_a_saved_file_that_does_not_read(tmp_path):
+    # a cut-short attention.npz (a copy of the run stopped part way) stopped `ur4rec evaluate` with a
+    # BadZipFile traceback; a ranks file or log that is not UTF-8 with a UnicodeDecodeError naming no file
+    saved, fresh = tmp_path / "saved", tmp_path / "fresh"
+    for folder in (saved, fresh):
+        (folder / "stage3" / "internals").mkdir(parents=True)
+        np.savez_compressed(folder / "stage3/internals/attention.npz", w=np.arange(1000.0))
+        (folder / "stage3/test_ranks.csv").write_text("user_id,target_item,rank_full,rank_sampled\nu1,i1,1,1\n")
+    whole = (saved / "stage3/internals/attention.npz").read_bytes()
+    (saved / "stage3/internals/attention.npz").write_bytes(whole[: len(whole) // 2])
+    (saved / "stage3/test_ranks.csv").write_bytes(b"user_id,target_item,rank_full,rank_sampled\nu1,\xff,1,1\n")
+    differences = compare_outputs(saved, fresh)[2]
+    assert len(differences) == 2
+    assert differences[0].startswith("stage3/internals/attention.npz: the saved file does not read (")
+    assert differences[1].startswith("stage3/test_ranks.csv: the saved file does not read (")
+    # the kept epoch's history: a log or an epoch-ranks file that is not UTF-8 is a difference naming it
+    (fresh / "stage3/valid_ranks.csv").write_text("user_id,target_item,rank_full,rank_sampled\nu1,i1,1,1\n")
+    write_json(fresh / "stage3/metrics.json", {"valid": {"full": {"ndcg@10": 1.0}}})
+    write_json(saved / "stage3/checkpoint.json", {"stage": 3, "epoch": 1,
+                                                   "best": {"metric": "valid/full/ndcg@10", "value": 1.0}})
+    for name in ("log.jsonl", "valid_ranks_by_epoch.csv"):
+        (saved / "stage3" / name).write_bytes(b"\xf7\x00")
+    assert [d.split(" (")[0] for d in check_history(saved / "stage3", fresh / "stage3")[1]] == [
+        "stage3/log.jsonl: the saved file does not read", "stage3/valid_ranks_by_epoch.csv: the saved file does not read"]
+
+
 def test_compare_outputs_holds_metrics_to_a_relative_1e_6_and_counts_a_saved_nan(tmp_path):
     saved, fresh = tmp_path / "saved", tmp_path / "fresh"
     for folder in (saved, fresh):

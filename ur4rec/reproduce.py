@@ -20,6 +20,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from ur4rec.rundir import RunDirError, read_json
 
 SHOWN = 5  # differences listed per file; the rest are counted
 CSV_TOLERANCE = 1e-5
+UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)  # what reading a damaged file raises
 
 
 def compare_outputs(saved: Path, fresh: Path) -> tuple[list[str], list[str], list[str]]:
@@ -47,14 +50,17 @@ def compare_outputs(saved: Path, fresh: Path) -> tuple[list[str], list[str], lis
             absent.append(name)
             continue
         compared.append(name)
-        if name.endswith("metrics.json"):
-            differences += [f"{name}: {difference}" for difference in _compare_metrics(saved / name, fresh / name)]
-        elif name.endswith(".csv"):
-            differences += _compare_csv(saved / name, fresh / name, name)
-        elif name.endswith(".npz"):
-            differences += _compare_npz(saved / name, fresh / name, name)
-        elif (saved / name).read_bytes() != (fresh / name).read_bytes():
-            differences.append(f"{name}: contents differ")
+        try:
+            if name.endswith("metrics.json"):
+                differences += [f"{name}: {difference}" for difference in _compare_metrics(saved / name, fresh / name)]
+            elif name.endswith(".csv"):
+                differences += _compare_csv(saved / name, fresh / name, name)
+            elif name.endswith(".npz"):
+                differences += _compare_npz(saved / name, fresh / name, name)
+            elif (saved / name).read_bytes() != (fresh / name).read_bytes():
+                differences.append(f"{name}: contents differ")
+        except UNREADABLE as error:  # cut short or damaged: not UTF-8 text, not a whole zip archive
+            differences.append(f"{name}: the saved file does not read ({type(error).__name__}: {error})")
     return compared, absent, differences
 
 
@@ -179,14 +185,20 @@ def check_history(saved: Path, fresh: Path, state: dict | None = None) -> tuple[
 
     log = saved / "log.jsonl"
     records = []
-    if log.exists():
-        for number, line in enumerate(log.read_text().splitlines(), start=1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                differences.append(f"{stage}/log.jsonl line {number}: not valid JSON")
+    try:
+        lines = log.read_text().splitlines() if log.exists() else []
+    except UnicodeDecodeError as error:
+        lines = None
+        differences.append(f"{stage}/log.jsonl: the saved file does not read ({type(error).__name__}: {error})")
+    for number, line in enumerate(lines or [], start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            differences.append(f"{stage}/log.jsonl line {number}: not valid JSON")
     record = next((r for r in records if isinstance(r, dict) and r.get("epoch") == epoch), None)
-    if record is not None:
+    if lines is None:
+        pass  # said above
+    elif record is not None:
         checked.append(f"{stage}/log.jsonl (epoch {epoch})")
         logged = {"valid": record.get("valid")}
         expected = {"valid": metrics["valid"]}
@@ -201,12 +213,19 @@ def check_history(saved: Path, fresh: Path, state: dict | None = None) -> tuple[
 
     by_epoch = saved / "valid_ranks_by_epoch.csv"
     if by_epoch.exists():
-        with open(by_epoch, newline="") as handle:
-            rows = list(csv.reader(handle))
+        try:
+            with open(by_epoch, newline="") as handle:
+                rows = list(csv.reader(handle))
+        except UnicodeDecodeError as error:
+            rows = None
+            differences.append(f"{stage}/valid_ranks_by_epoch.csv: the saved file does not read "
+                               f"({type(error).__name__}: {error})")
         with open(fresh / "valid_ranks.csv", newline="") as handle:
             ranks = list(csv.reader(handle))
         column = f"epoch_{epoch}"
-        if not rows or column not in rows[0]:
+        if rows is None:
+            pass  # said above
+        elif not rows or column not in rows[0]:
             differences.append(f"{stage}/valid_ranks_by_epoch.csv: no column {column}, the kept epoch")
         else:
             checked.append(f"{stage}/valid_ranks_by_epoch.csv ({column})")

@@ -44,49 +44,54 @@ def read_ranks(stage_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
         raise FileNotFoundError(f"{path} does not exist: {stage_dir} is not the directory of a finished stage "
                                 "(RUN/stageN with its ranks files)")
     keys, ranks = [], []
-    with open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, [])
-        missing = {"user_id", "target_item", "rank_full"} - set(header)
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
-        for line, cells in enumerate(reader, start=2):
-            if not cells:  # a blank line, as csv.DictReader skips it
-                continue
-            if len(cells) != len(header):  # a field short or over: the columns no longer line up
-                raise ValueError(f"{path}, line {line}: {len(cells)} fields, the header has {len(header)}")
-            row = dict(zip(header, cells))
-            try:
-                rank = int(row["rank_full"])
-            except ValueError:
-                raise ValueError(f"{path}, line {line}: rank_full {row['rank_full']!r} is not an integer") from None
-            if rank < 1:  # ranks are 1-based: 0 would score an infinite NDCG and MRR
-                raise ValueError(f"{path}, line {line}: rank_full {rank} is below 1 (ranks are 1-based)")
-            keys.append(f"{row['user_id']},{row['target_item']}")
-            ranks.append(rank)
+    header, *rows = csv_rows(path) or [[]]
+    missing = {"user_id", "target_item", "rank_full"} - set(header)
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
+    for line, cells in enumerate(rows, start=2):
+        if not cells:  # a blank line, as csv.DictReader skips it
+            continue
+        if len(cells) != len(header):  # a field short or over: the columns no longer line up
+            raise ValueError(f"{path}, line {line}: {len(cells)} fields, the header has {len(header)}")
+        row = dict(zip(header, cells))
+        try:
+            rank = int(row["rank_full"])
+        except ValueError:
+            raise ValueError(f"{path}, line {line}: rank_full {row['rank_full']!r} is not an integer") from None
+        if rank < 1:  # ranks are 1-based: 0 would score an infinite NDCG and MRR
+            raise ValueError(f"{path}, line {line}: rank_full {rank} is below 1 (ranks are 1-based)")
+        keys.append(f"{row['user_id']},{row['target_item']}")
+        ranks.append(rank)
     return keys, np.asarray(ranks)
+
+
+def csv_rows(path: Path) -> list[list[str]]:
+    """Every row of the CSV file ``path``; one that does not read as text is an error naming it."""
+    try:
+        with open(path, newline="") as handle:
+            return list(csv.reader(handle))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: the file does not read as text ({error})") from None
 
 
 def read_epoch_ranks(stage_dir: Path) -> tuple[list[str], list[int], np.ndarray]:
     """(user_id,target_item keys, validated epochs, (epochs, users) ranks) from ``valid_ranks_by_epoch.csv``."""
     path = Path(stage_dir) / EPOCH_RANKS
-    with open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, [])
-        epochs = [column.removeprefix("epoch_") for column in header[2:]]
-        if header[:2] != ["user_id", "target_item"] or not epochs or not all(e.isdigit() for e in epochs):
-            raise ValueError(f"{path}, line 1: expected the header user_id,target_item,epoch_E,..., got {header}")
-        keys, rows = [], []
-        for line, row in enumerate(reader, start=2):
-            if len(row) != len(header):
-                raise ValueError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)}")
-            try:
-                rows.append([int(rank) for rank in row[2:]])
-            except ValueError:
-                raise ValueError(f"{path}, line {line}: a rank is not an integer") from None
-            if min(rows[-1]) < 1:
-                raise ValueError(f"{path}, line {line}: a rank is below 1 (ranks are 1-based)")
-            keys.append(f"{row[0]},{row[1]}")
+    header, *lines = csv_rows(path) or [[]]
+    epochs = [column.removeprefix("epoch_") for column in header[2:]]
+    if header[:2] != ["user_id", "target_item"] or not epochs or not all(e.isdigit() for e in epochs):
+        raise ValueError(f"{path}, line 1: expected the header user_id,target_item,epoch_E,..., got {header}")
+    keys, rows = [], []
+    for line, row in enumerate(lines, start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)}")
+        try:
+            rows.append([int(rank) for rank in row[2:]])
+        except ValueError:
+            raise ValueError(f"{path}, line {line}: a rank is not an integer") from None
+        if min(rows[-1]) < 1:
+            raise ValueError(f"{path}, line {line}: a rank is below 1 (ranks are 1-based)")
+        keys.append(f"{row[0]},{row[1]}")
     return keys, [int(e) for e in epochs], np.asarray(rows, dtype=np.int64).reshape(len(rows), len(epochs)).T
 
 

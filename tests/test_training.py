@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from ur4rec.cli import main
 from ur4rec.config import Config
 from ur4rec.evaluation import Popularity, build_eval_inputs, evaluate, metrics_from_ranks, sample_negatives
 from ur4rec.evaluation.compare import read_epoch_ranks, read_ranks
-from ur4rec.rundir import prepare_run
+from ur4rec.rundir import prepare_run, write_json
 from ur4rec.training import trainer
 from ur4rec.training.checkpoint import CheckpointError, load_model
 from ur4rec.training.trainer import NonFiniteLossError, train_stage1
@@ -141,6 +142,29 @@ def test_weights_that_are_not_the_checkpoints_own_are_refused(smoke_config, synt
         (stage / "checkpoint.json").write_text(text)
         with pytest.raises(CheckpointError, match=f"checkpoint.json: {problem}"):
             load_model(stage)
+
+
+def test_a_checkpoint_json_field_of_the_wrong_type_is_refused_naming_it(tmp_path):
+    # n_items "100" or null stopped `ur4rec evaluate` with a TypeError traceback, a config section that is
+    # not a mapping stopped `train --stage 2` with an AttributeError one, and stage "1" was refused as
+    # "its checkpoint.json says stage 1"
+    from ur4rec.training.checkpoint import read_checkpoint_info
+
+    base = {"stage": 1, "config": {"model": {}}, "n_items": 9, "data_fingerprint": "f"}
+    for change, problem in ((("n_items", "100"), "field n_items is '100', not a count"),
+                            (("n_items", None), "field n_items is None, not a count"),
+                            (("n_items", 0), "field n_items is 0, not a count"),
+                            (("stage", "1"), "field stage is '1', not 1, 2 or 3"),
+                            (("stage", True), "field stage is True, not 1, 2 or 3"),
+                            (("config", {"model": 5}), "field config: section model is not a mapping")):
+        write_json(tmp_path / "checkpoint.json", {**base, change[0]: change[1]})
+        with pytest.raises(CheckpointError, match=rf"checkpoint\.json: {re.escape(problem)}"):
+            read_checkpoint_info(tmp_path)
+    write_json(tmp_path / "checkpoint.json", {**base, "stage": 2, "n_users": "7", "features_fingerprint": "g"})
+    with pytest.raises(CheckpointError, match="field n_users is '7', not a count"):
+        read_checkpoint_info(tmp_path)
+    write_json(tmp_path / "checkpoint.json", base)
+    assert read_checkpoint_info(tmp_path) == base
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_config, synthetic, tmp_path, monkeypatch):

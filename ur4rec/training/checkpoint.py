@@ -94,8 +94,16 @@ def read_checkpoint_info(stage_dir: Path) -> dict:
     missing = [key for key in required if key not in info]
     if missing:
         raise CheckpointError(f"{path}: missing field(s) {', '.join(missing)}")
+    if type(info["stage"]) is not int or info["stage"] not in (1, 2, 3):
+        raise CheckpointError(f"{path}: field stage is {info['stage']!r}, not 1, 2 or 3")
+    for key in ("n_items", "n_users"):  # the model's table sizes
+        if key in info and (type(info[key]) is not int or info[key] < 1):
+            raise CheckpointError(f"{path}: field {key} is {info[key]!r}, not a count")
     if not isinstance(info["config"], dict):
         raise CheckpointError(f"{path}: field config is not a mapping")
+    for section, values in info["config"].items():
+        if not isinstance(values, dict):
+            raise CheckpointError(f"{path}: field config: section {section} is not a mapping")
     return info
 
 

@@ -229,3 +229,21 @@ def test_a_ranks_file_that_does_not_read_as_text_is_refused_naming_it(tmp_path):
     (variant / "test_ranks.csv").write_bytes(b"\xff" * 10)
     with pytest.raises(ValueError, match=r"b/test_ranks\.csv: the file does not read as text"):
         compare([base], [variant])
+
+
+def test_other_half_rows_choose_each_run_s_epoch_by_the_metric_the_run_chose_it_by(tmp_path):
+    # valid-oh always chose by NDCG@10, also for runs that early-stopped on eval.select_metric hr@10
+    import json
+
+    targets = ("10", "11", "12", "13")
+    base = write_stage(tmp_path / "a", [1, 2, 3, 4], [1, 1, 1, 1], targets)
+    variant = write_stage(tmp_path / "b", [1, 2, 3, 4], [1, 1, 1, 1], targets)
+    # epoch 1: ranks 1, 1, 30, 30; epoch 2: 5, 5, 5, 5. Users 0-1 hit at either epoch; users 2-3 at epoch 2
+    # only, which any half holding one of them prefers by HR@10 but never by NDCG@10 (1 + 0 > 2 x 0.387)
+    for folder in (base, variant):
+        write_epoch_ranks(folder, {1: [1, 1, 30, 30], 2: [5, 5, 5, 5]}, targets)
+    (variant / "checkpoint.json").write_text(json.dumps({"best": {"metric": "valid/full/hr@10", "value": 1.0}}))
+    (variant / "metrics.json").write_text("{}")
+    rows = {(row["split"], row["metric"]): row for row in compare([base], [variant], ("hr@10",))}
+    assert rows["valid-oh", "hr@10"]["base"] == pytest.approx(0.5)  # users 2-3 always scored at epoch 1
+    assert rows["valid-oh", "hr@10"]["variant"] > 0.7  # at epoch 2 whenever their half holds user 0 or 1

@@ -11,8 +11,9 @@ A run's validation figure belongs to the epoch that scored best on those same us
 flatters the run (by about 0.006 NDCG@10 for Stage 1 on ML-100K), and the more so the noisier
 its validation curve and the longer it ran. Where every directory has
 ``valid_ranks_by_epoch.csv`` the comparison adds the split ``valid-oh`` ("other half"): each
-user's value at the epoch chosen by the other half of the users (:func:`other_half_values`),
-which no run can flatter. Test plays no part in either.
+user's value at the epoch chosen by the other half of the users on the run's own
+``eval.select_metric`` (:func:`other_half_values`, :func:`select_metric`), which no run can
+flatter. Test plays no part in either.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ur4rec.evaluation.metrics import paired_difference, paired_difference_of_values, per_user
+from ur4rec.rundir import read_json
 
 SPLITS = ("valid", "test")
 EPOCH_RANKS = "valid_ranks_by_epoch.csv"
@@ -93,6 +95,19 @@ def read_epoch_ranks(stage_dir: Path) -> tuple[list[str], list[int], np.ndarray]
             raise ValueError(f"{path}, line {line}: a rank is below 1 (ranks are 1-based)")
         keys.append(f"{row[0]},{row[1]}")
     return keys, [int(e) for e in epochs], np.asarray(rows, dtype=np.int64).reshape(len(rows), len(epochs)).T
+
+
+def select_metric(stage_dir: Path) -> str:
+    """The metric the run chose its epoch by (``eval.select_metric``, as checkpoint.json's best metric names it),
+    so that the other half of the users choose by it too; NDCG@10 where there is no checkpoint.json."""
+    path = Path(stage_dir) / "checkpoint.json"
+    if not path.exists():
+        return "ndcg@10"
+    best = read_json(path, "a checkpoint description").get("best")
+    metric = str(best.get("metric", "")) if isinstance(best, dict) else ""
+    if not metric.startswith("valid/full/"):
+        raise ValueError(f"{path}: best metric {metric or None!r} does not say which validation metric chose the epoch")
+    return metric.removeprefix("valid/full/")
 
 
 def other_half_values(ranks_by_epoch: np.ndarray, metric: str = "ndcg@10", select_metric: str = "ndcg@10",
@@ -170,10 +185,10 @@ def _other_half_rows(base: list[Path], variant: list[Path], metrics: tuple[str, 
             keys, _, by_epoch = read_epoch_ranks(folder)
             if keys != reference_keys:
                 raise ValueError(unpaired(f"{folder}/{EPOCH_RANKS}", keys, f"{base[0]}/valid_ranks.csv", reference_keys))
-            ranks[side].append(by_epoch)
+            ranks[side].append((by_epoch, select_metric(folder)))
     rows = []
     for metric in metrics:
-        values = {side: [other_half_values(r, metric) for r in runs] for side, runs in ranks.items()}
+        values = {side: [other_half_values(r, metric, select) for r, select in runs] for side, runs in ranks.items()}
         difference, error = paired_difference_of_values(values["base"], values["variant"])
         rows.append({
             "split": OTHER_HALF, "metric": metric, "users": len(reference_keys),

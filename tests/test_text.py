@@ -537,3 +537,30 @@ def test_cli_text_generate_and_audit(tmp_path, capsys):
     rows = (run / "texts" / "audit.csv").read_text().splitlines()
     assert rows[0] == "user_id,names_valid_item,names_test_item,matched_titles"
     assert rows[user + 1].startswith(f"{first},0,1,Item ")
+
+
+def test_forgetting_a_backend_keeps_the_other_backends_texts_when_stopped_while_rewriting(tmp_path, monkeypatch):
+    # `text generate --force` rewrote the cache file in place: a stop part way through the write lost
+    # every record after the cut, other backends' (paid LLM) texts too
+    from pathlib import Path
+
+    path = tmp_path / "cache.jsonl"
+    with GenerationCache(path) as cache:
+        for i in range(50):
+            cache.append("user", str(i), ("openai", f"h{i}"), f"paid text {i}")
+            cache.append("user", str(i), ("template", f"t{i}"), f"template text {i}")
+    before = path.read_text()
+    real_write = Path.write_text
+
+    def stopped(self, text, *args, **kwargs):  # half the text reaches the disk, then the process stops
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", stopped)
+    with pytest.raises(KeyboardInterrupt), GenerationCache(path) as cache:
+        cache.forget_backend("template")
+    monkeypatch.undo()
+    assert path.read_text() == before
+    with GenerationCache(path) as cache:
+        cache.forget_backend("template")
+    assert sorted(GenerationCache(path).texts) == sorted(("openai", f"h{i}") for i in range(50))

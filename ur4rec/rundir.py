@@ -120,14 +120,14 @@ def write_json(path: Path, payload: dict) -> None:
     write_text_whole(path, json.dumps(payload, indent=2))
 
 
-def write_text_whole(path: Path, text: str) -> None:
+def write_text_whole(path: Path, text: str, encoding: str | None = None) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (see :func:`write_json`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # one temporary name per writer (process and thread), so concurrent writers never share one
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        temporary.write_text(text)
+        temporary.write_text(text, encoding=encoding)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import TextIO
 
+from ur4rec.rundir import write_text_whole
+
 RECORD_FIELDS = ("kind", "raw_id", "backend", "prompt_hash", "text")
 
 
@@ -85,7 +87,8 @@ class GenerationCache:
                     removed += 1
                 elif line.strip():
                     kept_lines.append(line)
-            self.path.write_text("".join(line + "\n" for line in kept_lines), encoding="utf-8")
+            # whole or not at all: a stop while writing must not lose the other backends' records
+            write_text_whole(self.path, "".join(line + "\n" for line in kept_lines), encoding="utf-8")
         self.texts = {key: text for key, text in self.texts.items() if key[0] != backend}
         return removed
 

@@ -162,6 +162,28 @@ def test_the_best_epoch_is_saved_with_the_similarity_weights_fitted_before_its_v
     assert epochs == [0, 1, 2] and by_epoch[2].tolist() == read_ranks(folder, "valid")[1].tolist()
 
 
+def test_a_stop_while_a_stages_best_checkpoint_is_written_keeps_the_epochs_log_line_and_gate(
+        setup, stage1, tmp_path, monkeypatch):
+    # as in Stage 1: the line and the gate entry of the epoch whose checkpoint was being written were lost
+    config, dataset, features = setup
+    run = new_run(setup, stage1, tmp_path / "run")
+    monkeypatch.setattr(stages, "evaluate", forced_metric(stages.evaluate, [0.1, 0.2, 0.3]))
+    real_save, saved = stages.save_checkpoint, []
+
+    def stopped(out, model, info):
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        saved.append(info["epoch"])
+        real_save(out, model, info)
+
+    monkeypatch.setattr(stages, "save_checkpoint", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(config.override(["moe.stage_epochs=3"]), dataset, features, run, 2)
+    assert saved == [0, 1] and [record["epoch"] for record in log_of(run / "stage2")] == [1, 2]
+    assert [entry["epoch"] for entry in json.loads((run / "stage2/internals/gate.json").read_text())["gate"]] == [0, 1, 2]
+    assert stages.load_stage_model(run / "stage2", features, dataset)[1]["epoch"] == 1
+
+
 def test_stage_eval_every_validates_every_nth_epoch_and_the_last(setup, stage1, tmp_path, monkeypatch):
     config, dataset, features = setup
     run = new_run(setup, stage1, tmp_path)

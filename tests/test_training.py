@@ -189,6 +189,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_config, 
     load_model(tmp_path / "stage1")  # still loadable
 
 
+def test_a_stop_while_the_best_checkpoint_is_written_keeps_the_epochs_log_line(smoke_config, synthetic, tmp_path,
+                                                                              monkeypatch):
+    # the epoch's line was appended after its checkpoint: a stop during that write (or just after it)
+    # left log.jsonl without the epoch, trained and validated, whose checkpoint was being kept
+    config = smoke_config.override(["train.epochs=6", "train.patience=10"])
+    real_save, saved = trainer.save_checkpoint, []
+
+    def stopped(out, model, info):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(info["epoch"])
+        real_save(out, model, info)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage1(config, synthetic, tmp_path)
+    logged = [json.loads(line)["epoch"] for line in (tmp_path / "stage1" / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, logged[-1] + 1)) and logged[-1] > saved[0]  # the stopped epoch is logged
+    _, info = load_model(tmp_path / "stage1")
+    assert info["epoch"] == saved[0]  # and the best before it kept, whole
+
+
 def test_weights_left_non_finite_by_an_epochs_last_step_stop_with_the_epoch_and_the_kept_checkpoint(
         smoke_config, synthetic, tmp_path, monkeypatch):
     # every loss finite, but the last step of epoch 2 leaves NaN weights (one step per epoch here, as

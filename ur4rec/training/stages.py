@@ -663,6 +663,7 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
                   "lr": max(group["lr"] for group in optimizer.param_groups)}
         if uncertainty is not None:
             record["log_variances"] = {k: float(v) for k, v in uncertainty.log_variances.items()}
+        improved = False
         if epoch % config.train.eval_every == 0 or epoch == epochs:
             try:
                 weights = fit_similarity(model, valid_inputs, config)
@@ -674,16 +675,18 @@ def train_stage(config: Config, dataset: SequenceDataset, features, run_dir: Pat
             if weights:
                 record["similarity_weights"] = weights
             value = valid["full"][config.eval.select_metric]
-            if value > best_value:
+            improved = value > best_value
+            if improved:
                 best_value, best_epoch, waited = value, epoch, 0
-                save_checkpoint(out, model, {**base_info, "epoch": epoch, "similarity_weights": weights, "best": {
-                    "metric": f"valid/full/{config.eval.select_metric}", "value": value}})
             else:
                 waited += 1
             bar.set_postfix(loss=f"{losses['total']:.4f}", gate=f"{gate_history[-1]['gate']:.4g}",
                             **{config.eval.select_metric: f"{value:.4f}"})
-        append_log(log_path, record)
+        append_log(log_path, record)  # before the checkpoint: a stop while it is written keeps the epoch's line
         write_json(out / "internals" / "gate.json", {"gate": gate_history})
+        if improved:
+            save_checkpoint(out, model, {**base_info, "epoch": epoch, "similarity_weights": weights, "best": {
+                "metric": f"valid/full/{config.eval.select_metric}", "value": best_value}})
         if waited >= config.train.patience:
             break
     total_seconds = time.perf_counter() - start_all

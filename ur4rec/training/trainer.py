@@ -238,6 +238,7 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
         epoch_seconds.append(time.perf_counter() - start)
         record = {"epoch": epoch, "seconds": round(epoch_seconds[-1], 4), "train_loss": train_loss,
                   "lr": optimizer.param_groups[0]["lr"]}
+        improved = False
         if epoch % config.train.eval_every == 0 or epoch == config.train.epochs:
             try:
                 result = evaluate(model, valid_inputs, config.eval, config.train.device)
@@ -246,13 +247,15 @@ def train_stage1(config: Config, dataset: SequenceDataset, run_dir: Path) -> Sta
             epoch_ranks.add(epoch, result.rank_full)
             valid = record["valid"] = result.metrics
             value = valid["full"][config.eval.select_metric]
-            if value > best_value:
+            improved = value > best_value
+            if improved:
                 best_value, best_epoch, waited = value, epoch, 0
-                save_checkpoint(out, model, _checkpoint_info(config, dataset, epoch, value))
             else:
                 waited += 1
             bar.set_postfix(loss=f"{train_loss:.4f}", **{config.eval.select_metric: f"{value:.4f}"})
-        append_log(log_path, record)
+        append_log(log_path, record)  # before the checkpoint: a stop while it is written keeps the epoch's line
+        if improved:
+            save_checkpoint(out, model, _checkpoint_info(config, dataset, epoch, best_value))
         if waited >= config.train.patience:
             break
     total_seconds = time.perf_counter() - start_all

@@ -4,6 +4,7 @@ import csv
 import json
 import shutil
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -353,12 +354,12 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint_whole(tmp_path,
     save_checkpoint(tmp_path, torch.nn.Linear(2, 1), {"stage": 1, "epoch": 1})
     before = {name: (tmp_path / name).read_bytes() for name in ("model.safetensors", "checkpoint.json")}
 
-    def torn(state, filename):
-        with open(filename, "wb") as handle:
-            handle.write(b"half")
+    def torn(path, data):  # the temporary weights file is cut short by a stop
+        with open(path, "wb") as handle:
+            handle.write(data[: len(data) // 2])
         raise OSError("killed")
 
-    monkeypatch.setattr(checkpoint, "save_file", torn)
+    monkeypatch.setattr(Path, "write_bytes", torn)
     with pytest.raises(OSError, match="killed"):
         save_checkpoint(tmp_path, torch.nn.Linear(2, 1), {"stage": 1, "epoch": 2})
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
@@ -849,3 +850,14 @@ def test_source_commit_is_only_that_of_a_repository_tracking_the_package(tmp_pat
     assert checkpoint.source_commit.__wrapped__() == git("rev-parse", "HEAD")
     (package / "__init__.py").write_text("changed = True\n")
     assert checkpoint.source_commit.__wrapped__() == git("rev-parse", "HEAD") + "+modified"
+
+
+def test_the_weights_file_gets_the_same_permissions_as_the_runs_other_files(tmp_path):
+    import os
+
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(tmp_path, model, {"stage": 1})
+    mode = os.stat(tmp_path / "model.safetensors").st_mode & 0o777
+    # before: safetensors' save_file made it 0600, so others on a shared machine could not read the checkpoint
+    assert mode == os.stat(tmp_path / "checkpoint.json").st_mode & 0o777
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["weight"], model.weight.detach())

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 import ur4rec
 from ur4rec.config import Config
@@ -71,7 +71,7 @@ def save_checkpoint(stage_dir: Path, model: torch.nn.Module, info: dict) -> None
     stage_dir.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     temporary = stage_dir / "model.safetensors.tmp"
-    save_file(state, str(temporary))
+    temporary.write_bytes(save(state))  # safetensors' save_file makes the file readable by its owner only
     digest = _sha256(temporary)
     temporary.replace(stage_dir / "model.safetensors")
     payload = {**info, "weights_sha256": digest, "versions": versions()}

@@ -377,23 +377,18 @@ def test_an_item_id_given_twice_names_both_lines(tmp_path):
         load_movielens("ml-1m", tmp_path / "ml1m")
 
 
-@pytest.mark.parametrize("record, message", [("1\t8\tx\t500", "rating 'x' is not a number"),
-                                             ("1\t8\t3\tsoon", "timestamp 'soon' is not a number")])
-def test_a_rating_or_timestamp_that_is_not_a_number_is_named(tmp_path, record, message):
-    write_raw_100k(tmp_path, RATINGS)
-    with open(tmp_path / "u.data", "a") as handle:
-        handle.write(record + "\n")
+@pytest.mark.parametrize("file, record, error", [
     # before: "could not convert string to float: 'x'", naming no field
-    with pytest.raises(DataFormatError, match=rf"u\.data, line 10: {message}"):
-        load_movielens("ml-100k", tmp_path)
-
-
-def test_a_u_item_line_with_too_many_fields_names_its_line(tmp_path):
-    write_raw_100k(tmp_path, RATINGS)
-    with open(tmp_path / "u.item", "a") as handle:
-        handle.write(f"7|A | B (1990)|01-Jan-1990||http://x|{GENRE_FLAGS}\n")
+    ("u.data", "1\t8\tx\t500", r"u\.data, line 10: rating 'x' is not a number"),
+    ("u.data", "1\t8\t3\tsoon", r"u\.data, line 10: timestamp 'soon' is not a number"),
     # before: a title holding '|' (25 fields) was read, with every genre flag shifted by one
-    with pytest.raises(DataFormatError, match=r"u\.item, line 6: expected 24 '\|'-separated fields .* got 25"):
+    ("u.item", f"7|A | B (1990)|01-Jan-1990||http://x|{GENRE_FLAGS}", r"u\.item, line 6: expected 24 '\|'-separated fields .* got 25"),
+])
+def test_a_bad_record_names_its_file_line_and_field(tmp_path, file, record, error):
+    write_raw_100k(tmp_path, RATINGS)
+    with open(tmp_path / file, "a") as handle:
+        handle.write(record + "\n")
+    with pytest.raises(DataFormatError, match=error):
         load_movielens("ml-100k", tmp_path)
 
 

@@ -94,6 +94,23 @@ def test_load_balance_is_over_the_user_target_tokens_only(setup, monkeypatch):
     assert "load_balance" not in frozen and "recommendation" in frozen
 
 
+def test_gate_off_leaves_the_router_out_of_training(setup):
+    # pins: with moe.gate=none (the gate_off ablation) the experts and the router add nothing to the scores, so
+    # no loss term reaches them or the backbone through them: no load-balancing term trains the router or,
+    # through its input, the backbone (it did: the gate_off variant's backbone was not the full model's minus the MoE)
+    config, dataset, features = setup
+    config = config.override(["moe.gate=none"])
+    model, trainable = stage3_model(config, dataset, features)
+    x, y, t, users = batch_of(config, dataset)
+    losses = training_losses(model, x, y, t, users, config, torch.Generator().manual_seed(0), train_router=True,
+                             train_backbone=True)
+    assert "load_balance" not in losses
+    total = sum(value for name, value in losses.items() if name != "backbone")
+    total.backward()
+    for name in ("router", "backbone", *[g for g in trainable if g.startswith("experts.")]):
+        assert all(p.grad is None or p.grad.abs().max().item() == 0.0 for p in trainable[name]), name
+
+
 def test_load_balancing_loss_gradient_is_E_f_k_over_T():
     # pins: the load-balancing loss is differentiable in the router weights: d/dw_tk = E * f_k / T
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3.0, 0.5, 0.0], [0.0, 0.0, 0.2]])

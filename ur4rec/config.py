@@ -155,8 +155,8 @@ class MoEConfig:
     retrieval_top_k: int = option(10, "memory entries retrieved per (user, candidate) by relevance; 0 = all visible")
     semantic_heads: int = option(2, "SemanticExpert cross-attention heads (must divide model.hidden_size)")
     router_hidden: int = option(32, "router MLP width")
-    gate: str = option("scalar", "gate g: scalar (learned) or none (g = 0: the experts add nothing; the "
-                                "moe.similarity terms stay)")
+    gate: str = option("scalar", "gate g: scalar (learned) or none (g = 0: the experts add nothing and the router "
+                                "has no load-balancing loss; the moe.similarity terms stay)")
     gate_init: float = option(0.01, "initial gate value g")
     gate_gradient: str = option(
         "straight_through", "straight_through (experts get the gradient as if g = 1) or plain (naive g*E, for comparison)"

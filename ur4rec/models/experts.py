@@ -295,7 +295,8 @@ class Gate(nn.Module):
     losses (on ML-100K it made Stage 3's backbone fine-tuning diverge). The gradient of the
     router from the load-balancing loss is scaled like the router's gradient from the scores,
     so their ratio stays the configured weight. ``mode="none"`` is g = 0, not trained:
-    z = LayerNorm(h) exactly and the experts receive no gradient.
+    z = LayerNorm(h) exactly, the experts receive no gradient and the router no load-balancing loss
+    (:func:`ur4rec.training.stages.training_losses`).
     """
 
     def __init__(self, mode: str, init: float, gradient: str = "straight_through") -> None:

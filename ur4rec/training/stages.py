@@ -383,7 +383,7 @@ def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=Non
     ``recommendation``: softmax cross-entropy of each target against its candidates
     (``moe.train_candidates``), false negatives masked; ``alignment``: InfoNCE between the
     targets' multimodal projections and ID embeddings, weighted by 1 + alpha * surprise;
-    ``load_balance`` (when the router trains); ``backbone`` (when the backbone trains): the
+    ``load_balance`` (when the router trains and the gate is on); ``backbone`` (when the backbone trains): the
     Stage-1 objective (``train.loss``, a softmax over all items by default) on the backbone's
     own scores at every target. The sampled ``recommendation`` term then trains the residual
     (experts, router, gate, and the backbone only through the router and fusion inputs): its
@@ -457,7 +457,9 @@ def training_losses(model: UR4Rec, x, y, t, users, config: Config, generator=Non
             negatives = sample_training_negatives(all_targets, model.n_items, config.train.num_negatives, generator)
         losses["backbone"] = recommendation_loss(config.train.loss, all_states, all_targets, model.item_vectors(),
                                                  negatives, config.train.label_smoothing)
-    if train_router and model.expert_names and moe.load_balance_weight > 0:
+    # with the gate off (g = 0) the router weighs nothing: a load-balancing term would only move it and, through
+    # its input, the backbone, so the gate_off ablation would differ from the full model by more than the experts
+    if train_router and model.expert_names and moe.load_balance_weight > 0 and moe.gate != "none":
         losses["load_balance"] = load_balancing_loss(out.router_weights[arange, positive], out.available[arange, positive])
     return losses
 

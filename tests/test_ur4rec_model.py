@@ -64,6 +64,28 @@ def test_output_shapes_in_training_candidate_and_full_ranking_modes():
     assert torch.allclose(sampled.scores, full.gather(1, sampled_lists), atol=1e-5)
 
 
+def test_retrieval_ties_do_not_depend_on_the_chunk_or_the_candidate_list():
+    # pins: memory entries equally relevant to a candidate (items with the same content features, as duplicate
+    # titles have) tie exactly, so a score does not depend on moe.eval_chunk_size or on which other candidates
+    # it is scored with (their cosines came out of one matrix product a last bit apart, which bit depending on
+    # the chunk's shape, and retrieval read one entry or the other: 0.09 apart here)
+    features = make_features(text=1.0, image=0.0, users=1.0)
+    for item in range(1, N_ITEMS + 1):
+        features.item_text[item] = features.item_text[1 + item % 3]  # three distinct texts
+    model = make_model(features, "moe.retrieval_top_k=2").eval()
+    with torch.no_grad():
+        model.memory.recency_bias.normal_(0, 1.0)  # tied entries in other slots read with other biases
+    users, ids = batch(0, B=12)
+    items = torch.arange(N_ITEMS + 1)
+    with torch.no_grad():
+        full = model.score_all(users, ids, chunk_size=1000)
+        assert torch.allclose(model.score_all(users, ids, chunk_size=7), full, atol=1e-5)
+        assert torch.allclose(model.score_candidates(users, ids, items.expand(len(users), -1)), full, atol=1e-5)
+        order = torch.randperm(N_ITEMS + 1, generator=torch.Generator().manual_seed(0))
+        shuffled = model.score_candidates(users, ids, order.expand(len(users), -1))
+        assert torch.allclose(shuffled[:, order.argsort()], full, atol=1e-5)
+
+
 def test_scores_are_the_dot_product_of_z_with_the_candidate():
     model = make_model().eval()
     users, ids = batch(1)

@@ -193,6 +193,11 @@ class UR4Rec(nn.Module):
             "item_content": combined_item_features(features),  # retrieval relevance: cosine on text ++ image
             "item_content_mask": text_mask | image_mask,
         }
+        # (V,) the first item with the same content feature row: equal features get one column of the retrieval
+        # relevance, so their cosines are equal to the bit whatever the chunk (a product computes equal columns a last
+        # bit apart, depending on its shape) and retrieval reads the same of them in every chunk
+        _, first, same = np.unique(buffers["item_content"], axis=0, return_index=True, return_inverse=True)
+        buffers["item_content_key"] = first[same.reshape(-1)].astype(np.int64)
         for name, array in buffers.items():
             self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(array)), persistent=False)
 
@@ -236,7 +241,8 @@ class UR4Rec(nn.Module):
     def _relevance(self, candidates: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """(u_c,), (u_m,) items -> (u_c, u_m) cosine on content features, on ID embeddings for
         pairs where either item has no content feature."""
-        content = self.item_content[candidates] @ self.item_content[memory].T  # (u_c, u_m)
+        distinct, column = torch.unique(self.item_content_key[memory], return_inverse=True)  # equal features: one column
+        content = (self.item_content[candidates] @ self.item_content[distinct].T)[:, column]  # (u_c, u_m)
         both = self.item_content_mask[candidates][:, None] & self.item_content_mask[memory][None]
         if bool(both.all()):
             return content

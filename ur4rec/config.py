@@ -147,7 +147,8 @@ class MoEConfig:
         ["visual", "semantic", "preference", "fusion"], "multimodal experts in use (any of visual, "
         "semantic, preference, fusion); [] and no moe.similarity = plain SASRec scoring"
     )
-    memory: bool = option(True, "per-user local memory; off = visual and semantic experts have no keys and are masked out")
+    memory: bool = option(True, "per-user local memory; off = visual and semantic experts have no keys and are masked "
+                                "out, and every target is novel (alignment weights all 1 + surprise_alpha)")
     short_term_size: int = option(20, "memory: short-term tier = the last W items before the target (read from the input)")
     long_term_capacity: int = option(20, "memory: long-term tier capacity (entries)")
     novelty_threshold: float = option(0.3, "memory: write to long-term when 1 - max cosine to stored entries > this")

@@ -33,6 +33,10 @@ CSV_TOLERANCE = 1e-5
 UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)  # what reading a damaged file raises
 
 
+def _does_not_read(name: str, error: Exception) -> str:
+    return f"{name}: the saved file does not read ({type(error).__name__}: {error})"
+
+
 def compare_outputs(saved: Path, fresh: Path) -> tuple[list[str], list[str], list[str]]:
     """Compare every file under ``fresh`` with the file of the same name under ``saved``.
 
@@ -60,7 +64,7 @@ def compare_outputs(saved: Path, fresh: Path) -> tuple[list[str], list[str], lis
             elif (saved / name).read_bytes() != (fresh / name).read_bytes():
                 differences.append(f"{name}: contents differ")
         except UNREADABLE as error:  # cut short or damaged: not UTF-8 text, not a whole zip archive
-            differences.append(f"{name}: the saved file does not read ({type(error).__name__}: {error})")
+            differences.append(_does_not_read(name, error))
     return compared, absent, differences
 
 
@@ -189,7 +193,7 @@ def check_history(saved: Path, fresh: Path, state: dict | None = None) -> tuple[
         lines = log.read_text().splitlines() if log.exists() else []
     except UnicodeDecodeError as error:
         lines = None
-        differences.append(f"{stage}/log.jsonl: the saved file does not read ({type(error).__name__}: {error})")
+        differences.append(_does_not_read(f"{stage}/log.jsonl", error))
     for number, line in enumerate(lines or [], start=1):
         try:
             records.append(json.loads(line))
@@ -218,8 +222,7 @@ def check_history(saved: Path, fresh: Path, state: dict | None = None) -> tuple[
                 rows = list(csv.reader(handle))
         except UnicodeDecodeError as error:
             rows = None
-            differences.append(f"{stage}/valid_ranks_by_epoch.csv: the saved file does not read "
-                               f"({type(error).__name__}: {error})")
+            differences.append(_does_not_read(f"{stage}/valid_ranks_by_epoch.csv", error))
         with open(fresh / "valid_ranks.csv", newline="") as handle:
             ranks = list(csv.reader(handle))
         column = f"epoch_{epoch}"
